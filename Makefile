@@ -1,0 +1,46 @@
+# Two commands for a fresh machine:  make repro  and  make test  (see README.md).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+# No phone-home from DVC or MLflow, here or in anything the targets start.
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: install repro test test-all bench clean-outputs
+
+install: $(STAMP)
+
+# torch is installed first with its exact pin: that takes the CPU wheel on this machine instead of
+# pulling GBs of CUDA packages through a looser requirement.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+## make repro: synthetic data if data/ has none, then the whole DVC pipeline, then the metrics table.
+repro: $(STAMP)
+	@if [ ! -f data/train/train.tsv ]; then echo "data/ holds no dataset: writing the synthetic one (params.yaml: synth)"; mmrecall synth --no-progress; fi
+	dvc add data --quiet
+	dvc repro
+	@echo; mmrecall report
+
+## make test: the fast suite (add -m slow for the end-to-end runs: make test-all).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_prepare.py
+
+clean-outputs:
+	rm -rf features outputs metrics reports

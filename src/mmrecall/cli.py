@@ -1,0 +1,45 @@
+"""`mmrecall <stage>`: one subcommand per pipeline stage, each the stage module's own `main()`.
+
+dvc.yaml, MLproject, the Makefile and the tests all call these same entry points.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+STAGES = {
+    "synth": ("synth", "write a synthetic dataset in the official format and layout"),
+    "prepare": ("prepare", "decode + validate one split's TSV into the memory-mapped feature store"),
+    "baseline": ("baseline", "fit and score the wordproto floor, log it to MLflow"),
+    "evaluate": ("evaluate", "NDCG@5 of a submission / score table, or of every model (the stage)"),
+    "report": ("report", "print the metrics table of the last `dvc repro`"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, STAGES))
+    lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in STAGES.items()]
+    return (
+        "usage: mmrecall <command> [options]\n\n"
+        "KDD Cup 2020 Multimodalities Recall pipeline (see README.md).\n\ncommands:\n"
+        + "\n".join(lines)
+        + "\n\n`mmrecall <command> --help` explains each command's options.\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage(), end="")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in STAGES:
+        print(f"mmrecall: unknown command {command!r}\n\n{usage()}", end="", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"mmrecall.{STAGES[command][0]}")
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""One config path: `params.yaml` -> typed dataclasses, one section per pipeline stage.
+
+Every stage calls `load_params()` once and reads its own section. Unknown keys are an error
+(a typo in params.yaml must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+PARAMS_FILE = "params.yaml"
+
+
+@dataclass
+class DataParams:
+    """Where things live. Paths are relative to the repository root."""
+
+    root: str = "data"  # the organisers' layout, tracked by data.dvc
+    features: str = "features"  # prepare outputs, one folder per split
+    outputs: str = "outputs"  # score tables, one folder per model
+    metrics: str = "metrics"  # small JSON metrics files (DVC metrics, cache: false)
+    splits: list[str] = field(default_factory=lambda: ["train", "valid", "testA"])
+    eval_splits: list[str] = field(default_factory=lambda: ["valid", "testA"])
+
+
+@dataclass
+class SynthParams:
+    """Synthetic data in the official format (sizes and difficulty)."""
+
+    seed: int = 2020
+    train_queries: int = 3000
+    rows_per_train_query: float = 2.3  # mean positives per train query (Poisson + 1)
+    valid_queries: int = 120
+    test_queries: int = 120
+    candidates: int = 30
+    answers: int = 6
+    junk_prefix_rate: float = 0.04  # valid/test queries starting with "is", "'s", "and"
+    long_image_rate: float = 0.002  # images with > 40 boxes
+    neg_pool_per_query: float = 4.0  # size of the shared (recurring) negative pool per eval query
+    fresh_negative_rate: float = 0.37  # mean share of negatives made for one query only (occur once)
+    latent_dim: int = 48
+    feature_noise: float = 0.35
+    attribute_groups: int = 6  # categories sharing how an attribute looks
+
+
+@dataclass
+class PrepareParams:
+    box_cap: int = 30  # boxes kept per image (1st place: 30), in file order
+    max_boxes_filter: int = 0  # solo team: drop TRAIN rows with more boxes than this (40); 0 = off
+    chunk_bytes: int = 32 << 20  # bytes of TSV handed to a worker at a time
+    workers: int = 2  # processes decoding one file (0 or 1 = in-process)
+
+
+@dataclass
+class BaselineParams:
+    name: str = "wordproto"
+    min_word_count: int = 2  # words seen in fewer train rows get no prototype
+    chunk_rows: int = 4096
+
+
+@dataclass
+class PostprocessParams:
+    frequency_filter: bool = True  # 1st place: keep candidates occurring once over the eval files
+    exclusivity: bool = False  # 2nd place: a product belongs to its argmax query only
+    exclusivity_threshold: float = 0.92
+
+
+@dataclass
+class EvaluateParams:
+    models: list[str] = field(default_factory=lambda: ["wordproto"])
+    postprocess: PostprocessParams = field(default_factory=PostprocessParams)
+
+
+@dataclass
+class TrackingParams:
+    experiment: str = "mmrecall"
+
+
+@dataclass
+class Params:
+    data: DataParams = field(default_factory=DataParams)
+    synth: SynthParams = field(default_factory=SynthParams)
+    prepare: PrepareParams = field(default_factory=PrepareParams)
+    baseline: BaselineParams = field(default_factory=BaselineParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    tracking: TrackingParams = field(default_factory=TrackingParams)
+
+
+class ParamsError(ValueError):
+    """params.yaml has an unknown key or a value of the wrong type."""
+
+
+def _build(cls: type, raw: dict[str, Any] | None, where: str) -> Any:
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ParamsError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{where}.{name}")
+        elif hint is float and isinstance(value, int) and not isinstance(value, bool):
+            kwargs[name] = float(value)
+        elif hint in (int, float, str, bool) and not isinstance(value, hint):
+            raise ParamsError(f"{where}.{name}: expected {hint.__name__}, got {value!r}")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def repo_root() -> Path:
+    """The project root: $DVC_ROOT inside DVC runs, else the nearest folder holding params.yaml."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / PARAMS_FILE).exists():
+            return folder
+    return here
+
+
+def load_params(path: str | os.PathLike | None = None) -> Params:
+    """Read params.yaml (default: ./params.yaml) into `Params`; a missing file gives the defaults."""
+    path = Path(path) if path is not None else Path.cwd() / PARAMS_FILE
+    if not path.exists():
+        return Params()
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    return _build(Params, raw, str(path))
+
+
+def to_dict(params: Any) -> dict[str, Any]:
+    return dataclasses.asdict(params)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; used to log a section as MLflow params."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,200 @@
+"""`prepare` stage: one split's official TSV -> a memory-mapped feature store (see store.py).
+
+The file is streamed in chunks of whole lines. With `workers` > 1 a process pool decodes and
+validates chunks while the main process writes the previous ones in order; at most `workers + 1`
+chunks are in flight, so peak memory depends on the chunk size, never on the file size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from . import store
+from .config import PrepareParams, load_params
+from .text import clean_query
+from .tsv import FEATURE_DIM, Chunk, iter_chunks, parse_chunk
+
+ROW_SCHEMA = pa.schema(
+    [
+        ("product_id", pa.int64()),
+        ("query_id", pa.int64()),
+        ("query", pa.string()),
+        ("query_clean", pa.string()),
+        ("num_boxes", pa.int32()),
+        ("n_kept", pa.int32()),
+        ("offset", pa.int64()),
+        ("image_h", pa.int32()),
+        ("image_w", pa.int32()),
+        ("line", pa.int64()),
+    ]
+)
+
+
+def _parse(args: tuple[bytes, int, int, int]) -> Chunk:
+    return parse_chunk(*args)
+
+
+def _answers_file(data_root: Path, split: str) -> Path:
+    return data_root / split / f"{split}_answer.json"
+
+
+def prepare_split(
+    tsv: Path,
+    out_dir: Path,
+    params: PrepareParams,
+    answers: Path | None = None,
+    train: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Write the feature store of one TSV into out_dir (replaced whole); return its summary."""
+    tsv, out_dir = Path(tsv), Path(out_dir)
+    total_bytes = tsv.stat().st_size if tsv.exists() else 0
+    chunks = iter_chunks(tsv, params.chunk_bytes)  # checks the header before anything is written
+    first = next(chunks, None)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    max_boxes = params.max_boxes_filter if train else 0
+
+    started = time.perf_counter()
+    reasons: Counter[str] = Counter()
+    rows_read = rows_kept = filtered = offset = 0
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"prepare {tsv.name}", disable=not progress)
+    with (
+        open(out_dir / store.FEATURES, "wb") as f_feat,
+        open(out_dir / store.BOXES, "wb") as f_box,
+        open(out_dir / store.LABELS, "wb") as f_lab,
+        open(out_dir / store.REJECTS, "w") as f_rej,
+        pq.ParquetWriter(out_dir / store.ROWS, ROW_SCHEMA) as rows_writer,
+    ):
+        f_rej.write("line\treason\tdetail\n")
+
+        def write(chunk: Chunk, nbytes: int) -> None:
+            nonlocal rows_read, rows_kept, filtered, offset
+            n = len(chunk)
+            counts = np.asarray(chunk.n_kept, dtype=np.int64)
+            offsets = offset + np.concatenate([[0], np.cumsum(counts)[:-1]]) if n else np.zeros(0, np.int64)
+            f_feat.write(memoryview(np.ascontiguousarray(chunk.features)).cast("B"))
+            f_box.write(memoryview(np.ascontiguousarray(chunk.boxes)).cast("B"))
+            f_lab.write(memoryview(np.ascontiguousarray(chunk.labels)).cast("B"))
+            table = pa.table(
+                {
+                    "product_id": chunk.product_id,
+                    "query_id": chunk.query_id,
+                    "query": chunk.query,
+                    "query_clean": [clean_query(q) for q in chunk.query],
+                    "num_boxes": chunk.num_boxes,
+                    "n_kept": chunk.n_kept,
+                    "offset": offsets,
+                    "image_h": chunk.image_h,
+                    "image_w": chunk.image_w,
+                    "line": chunk.line,
+                },
+                schema=ROW_SCHEMA,
+            )
+            rows_writer.write_table(table)
+            for line, reason, detail in chunk.rejects:
+                f_rej.write(f"{line}\t{reason}\t{detail}\n")
+                reasons[reason] += 1
+            rows_read += chunk.rows_read
+            rows_kept += n
+            filtered += chunk.filtered
+            offset += int(counts.sum())
+            bar.update(nbytes)
+            bar.set_postfix(rows=rows_kept, rejected=sum(reasons.values()), refresh=False)
+
+        def jobs():
+            if first is not None:
+                yield first
+                yield from chunks
+
+        if params.workers <= 1:
+            for data, line in jobs():
+                write(parse_chunk(data, line, params.box_cap, max_boxes), len(data))
+        else:
+            with ProcessPoolExecutor(params.workers) as pool:
+                pending: deque = deque()
+                for data, line in jobs():
+                    pending.append((pool.submit(_parse, (data, line, params.box_cap, max_boxes)), len(data)))
+                    if len(pending) > params.workers:
+                        future, nbytes = pending.popleft()
+                        write(future.result(), nbytes)
+                while pending:
+                    future, nbytes = pending.popleft()
+                    write(future.result(), nbytes)
+    bar.close()
+
+    if answers is not None and answers.exists():
+        shutil.copyfile(answers, out_dir / store.ANSWERS)
+    seconds = time.perf_counter() - started
+    summary = {
+        "source": str(tsv),
+        "rows_read": rows_read,
+        "rows_kept": rows_kept,
+        "rows_rejected": sum(reasons.values()),
+        "rejected_by_reason": dict(sorted(reasons.items())),
+        "rows_filtered_max_boxes": filtered,
+        "total_boxes": offset,
+        "feature_dim": FEATURE_DIM,
+        "box_cap": params.box_cap,
+        "max_boxes_filter": max_boxes,
+        "bytes": total_bytes,
+        "seconds": round(seconds, 3),
+        "has_answers": (out_dir / store.ANSWERS).exists(),
+    }
+    (out_dir / store.META).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mmrecall prepare",
+        description="Decode and validate one split's official TSV (data/<split>/<split>.tsv) into a "
+        "memory-mapped float16 feature store under features/<split>/. Bad rows go to "
+        "features/<split>/rejects.tsv with their line number and reason; good rows are kept.",
+    )
+    parser.add_argument("--split", required=True, help="train, valid, testA or testB")
+    parser.add_argument("--params", default="params.yaml", help="params file (section `prepare`)")
+    parser.add_argument("--tsv", type=Path, help="input file (default: <data.root>/<split>/<split>.tsv)")
+    parser.add_argument("--out", type=Path, help="output folder (default: <data.features>/<split>)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    data_root = Path(params.data.root)
+    tsv = args.tsv or data_root / args.split / f"{args.split}.tsv"
+    out = args.out or Path(params.data.features) / args.split
+    summary = prepare_split(
+        tsv,
+        out,
+        params.prepare,
+        answers=_answers_file(data_root, args.split),
+        train=args.split == "train",
+        progress=not args.no_progress,
+    )
+    mb = summary["bytes"] / 1e6
+    print(
+        f"{args.split}: {summary['rows_kept']}/{summary['rows_read']} rows kept, "
+        f"{summary['rows_rejected']} rejected {summary['rejected_by_reason'] or ''}, "
+        f"{summary['total_boxes']} boxes, {mb:.1f} MB in {summary['seconds']:.1f} s "
+        f"({mb / max(summary['seconds'], 1e-9):.1f} MB/s) -> {out}",
+        file=sys.stderr,
+    )
+    if summary["rows_rejected"]:
+        print(f"  rejects: {out / store.REJECTS}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

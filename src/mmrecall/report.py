@@ -1,0 +1,22 @@
+"""`report`: print the metrics table written by the evaluate stage (the end of `make repro`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .evaluate import REPORT
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mmrecall report", description=f"Print {REPORT} (written by `dvc repro`).")
+    parser.parse_args(argv)
+    if not REPORT.exists():
+        print(f"{REPORT}: not found; run `dvc repro` (or `make repro`) first", file=sys.stderr)
+        return 1
+    print(REPORT.read_text(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""All MLflow glue: tracking URI, experiment, standard tags, run names.
+
+- URI: $MLFLOW_TRACKING_URI, else an ABSOLUTE `sqlite:///<repo>/mlflow.db`, where <repo> is
+  $DVC_ROOT when DVC runs the stage (queued experiments run in a temp copy; a relative URI would
+  silently log into a throwaway database there).
+- Every run is tagged with the git commit and dirty flag, the `data.dvc` hash, the DVC stage and
+  experiment name, and a hash of the params it ran with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+import mlflow  # noqa: E402
+import yaml  # noqa: E402
+
+from .config import repo_root  # noqa: E402
+
+DEFAULT_EXPERIMENT = "mmrecall"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def run_name(model: str, seed: int | None = None) -> str:
+    """`<model>-seed<k>` for members, `<model>` for parents and the baseline."""
+    return model if seed is None else f"{model}-seed{seed}"
+
+
+def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
+    """Point MLflow at the project store and create the experiment once; return its id."""
+    mlflow.set_tracking_uri(tracking_uri())
+    if os.environ.get("MLFLOW_EXPERIMENT_ID"):  # inside `mlflow run`: keep the project's experiment
+        return os.environ["MLFLOW_EXPERIMENT_ID"]
+    found = mlflow.get_experiment_by_name(experiment)
+    exp_id = found.experiment_id if found else mlflow.create_experiment(experiment)
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=repo_root(), capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def data_hash(root: Path | None = None) -> str | None:
+    """The md5 of the raw data recorded in data.dvc (the `.dir` hash), if there is one."""
+    path = (root or repo_root()) / "data.dvc"
+    if not path.exists():
+        return None
+    outs = (yaml.safe_load(path.read_text()) or {}).get("outs") or [{}]
+    return outs[0].get("md5")
+
+
+def params_hash(params: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def standard_tags(stage: str, params: Mapping[str, Any] | None = None) -> dict[str, str]:
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    tags = {
+        "git_commit": commit or "unknown",
+        "git_dirty": "unknown" if status is None else str(bool(status)).lower(),
+        "data_md5": data_hash() or "unknown",
+        "dvc_stage": os.environ.get("DVC_STAGE", stage),
+        "stage": stage,
+    }
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    if params is not None:
+        tags["params_hash"] = params_hash(params)
+    return tags
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    """Log flat params in batches (MLflow caps one call at 100 params)."""
+    items = [(k, "" if v is None else str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        mlflow.log_params(dict(items[i : i + 100]))
+
+
+@contextlib.contextmanager
+def start_run(
+    name: str,
+    stage: str,
+    params: Mapping[str, Any] | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """A run in the project store with the standard tags and the given (flat) params."""
+    setup(experiment)
+    all_tags = {**standard_tags(stage, params), **(tags or {})}
+    if os.environ.get("MLFLOW_RUN_ID") and parent_run_id is None and mlflow.active_run() is None:
+        # `mlflow run` created the run: resume it (and give it our readable name).
+        with mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"], run_name=name, tags=all_tags) as run:
+            if params:
+                log_params(params)
+            yield run
+        return
+    nested = parent_run_id is None and mlflow.active_run() is not None
+    with mlflow.start_run(run_name=name, parent_run_id=parent_run_id, nested=nested, tags=all_tags) as run:
+        if params:
+            log_params(params)
+        yield run
