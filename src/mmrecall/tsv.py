@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,7 +140,7 @@ def parse_chunk(data: bytes, first_line: int, box_cap: int = 30, max_boxes: int 
     boxes: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     sizes: list[int] = []
-    a2b = binascii.a2b_base64
+    a2b = functools.partial(binascii.a2b_base64, strict_mode=True)  # lenient mode skips bad characters
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()

@@ -1,0 +1,78 @@
+"""The official NDCG@5 and the post-processing, checked on the real competition files."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from mmrecall import evaluate, metrics, postprocess
+from mmrecall.store import load_answers
+
+from .conftest import FIXTURES
+
+
+@pytest.fixture(scope="module")
+def real():
+    valid = metrics.read_score_table(FIXTURES / "validscore_imagebert.txt")
+    test_b = metrics.read_score_table(FIXTURES / "testBscore_imagebert.txt")
+    return valid, test_b, load_answers(FIXTURES / "valid_answer.json")
+
+
+def test_real_valid_scores_give_the_published_ndcg(real):
+    valid, _, answers = real
+    assert len(valid) == 14720 and len(answers) == 496
+    assert round(metrics.evaluate_scores(valid, answers), 5) == 0.70981
+
+
+def test_frequency_filter_over_valid_and_testB_gives_0_8632(real):
+    valid, test_b, answers = real
+    counts = postprocess.candidate_counts([valid.product_id, test_b.product_id])
+    assert round(metrics.evaluate_scores(postprocess.frequency_filter(valid, counts), answers), 4) == 0.8632
+
+
+def test_exclusivity_rule_matches_recomputed_figures(real):
+    valid, _, answers = real
+    assert round(metrics.evaluate_scores(postprocess.exclusivity_filter(valid, 0.92), answers), 4) == 0.8385
+    assert round(metrics.evaluate_scores(postprocess.exclusivity_filter(valid, 0.0), answers), 4) == 0.7486
+
+
+def test_ndcg_ideal_uses_min_answers_and_5():
+    d = [1 / math.log2(i + 2) for i in range(5)]
+    assert metrics.ndcg_at_5_query([1, 2, 3, 4, 5], {1, 2}) == 1.0  # 2 answers, both on top
+    assert metrics.ndcg_at_5_query([9, 1, 8, 7, 6], {1, 2}) == pytest.approx(d[1] / (d[0] + d[1]))
+    assert metrics.ndcg_at_5_query([1, 9, 8, 7, 0], {1, 2, 3, 4, 5, 6}) == pytest.approx(1 / sum(d))
+    assert metrics.ndcg_at_5({1: [1, 2, 3, 4, 5], 2: [0, 0, 0, 0, 0]}, {1: {1}, 2: {9}}) == 0.5
+
+
+def test_missing_query_is_an_error():
+    with pytest.raises(metrics.SubmissionError, match="no ranking"):
+        metrics.ndcg_at_5({1: [1, 2, 3, 4, 5]}, {1: {1}, 2: {2}})
+
+
+@pytest.mark.parametrize("line, message", [("3,1,2,3,4", "exactly 5"), ("3,1,2,3,4,4", "distinct"), ("3,1,2,3,4,x", "exactly 5")])
+def test_submission_checks(tmp_path, line, message):
+    path = tmp_path / "submission.csv"
+    path.write_text("query-id,product1,product2,product3,product4,product5\n" + line + "\n")
+    with pytest.raises(metrics.SubmissionError, match=message):
+        metrics.read_submission(path)
+
+
+def test_submission_round_trip_and_cli(tmp_path, real, capsys):
+    valid, _, answers = real
+    path = tmp_path / "submission.csv"
+    metrics.write_submission(metrics.rank(valid), path, queries=set(answers))
+    assert metrics.read_submission(path) == metrics.rank(valid)
+    assert evaluate.main(["--submission", str(path), "--answers", str(FIXTURES / "valid_answer.json")]) == 0
+    assert "ndcg_at_5\t0.70981" in capsys.readouterr().out
+    # a score table works too, and with the evaluation files for counts, the post-processed figure
+    evaluate.main(["--submission", str(FIXTURES / "validscore_imagebert.txt"), "--answers", str(FIXTURES / "valid_answer.json"),
+                   "--counts-from", str(FIXTURES / "validscore_imagebert.txt"), str(FIXTURES / "testBscore_imagebert.txt")])
+    out = capsys.readouterr().out
+    assert "ndcg_at_5\t0.70981" in out and "ndcg_at_5_pp\t0.86320" in out
+
+
+def test_write_submission_refuses_missing_queries(tmp_path):
+    with pytest.raises(metrics.SubmissionError, match="missing"):
+        metrics.write_submission({1: [1, 2, 3, 4, 5]}, tmp_path / "s.csv", queries={1, 2})

@@ -1,0 +1,54 @@
+"""prepare: the store holds exactly what the TSV holds (float16), capped, filtered, in order."""
+
+from __future__ import annotations
+
+import base64
+import csv
+
+import numpy as np
+import pandas as pd
+
+from mmrecall import prepare
+from mmrecall.config import PrepareParams
+from mmrecall.store import FeatureStore
+
+
+def test_store_round_trip(micro_data, tmp_path):
+    tsv = micro_data / "valid" / "valid.tsv"
+    summary = prepare.prepare_split(tsv, tmp_path / "valid", PrepareParams(box_cap=3, workers=2, chunk_bytes=1 << 20),
+                                    answers=micro_data / "valid" / "valid_answer.json", progress=False)
+    store = FeatureStore.open(tmp_path / "valid")
+    raw = pd.read_csv(tsv, sep="\t", quoting=csv.QUOTE_NONE)
+    assert summary["rows_kept"] == len(raw) == len(store) and summary["rows_rejected"] == 0
+    assert store.rows.product_id.tolist() == raw.product_id.tolist()
+    assert (store.rows.n_kept == raw.num_boxes.clip(upper=3)).all()
+    for i in (0, 7, len(raw) - 1):
+        feats, boxes, labels = store.image(i)
+        n = int(raw.num_boxes[i])
+        want = np.frombuffer(base64.b64decode(raw.features[i]), "<f4").reshape(n, 2048)[:3]
+        np.testing.assert_array_equal(feats, want.astype(np.float16))
+        np.testing.assert_array_equal(labels, np.frombuffer(base64.b64decode(raw.class_labels[i]), "<i8")[:3])
+        assert boxes.shape == (min(n, 3), 6) and (boxes[:, 4] >= 0).all()
+    assert store.answers and set(store.answers) == set(raw.query_id)
+    means = store.mean_features(0, 5)
+    feats0 = store.image(0)[0].astype(np.float32)
+    np.testing.assert_allclose(means[0], feats0.mean(0), rtol=1e-5)
+
+
+def test_max_boxes_filter_applies_to_train_only(micro_data, tmp_path):
+    tsv = micro_data / "train" / "train.tsv"
+    raw = pd.read_csv(tsv, sep="\t", quoting=csv.QUOTE_NONE, usecols=["num_boxes"])
+    params = PrepareParams(max_boxes_filter=4, workers=1)
+    s_train = prepare.prepare_split(tsv, tmp_path / "a", params, train=True, progress=False)
+    s_eval = prepare.prepare_split(tsv, tmp_path / "b", params, train=False, progress=False)
+    assert s_train["rows_filtered_max_boxes"] == int((raw.num_boxes > 4).sum()) > 0
+    assert s_train["rows_kept"] == int((raw.num_boxes <= 4).sum())
+    assert s_eval["rows_kept"] == len(raw)
+
+
+def test_cli_uses_params_paths(micro_copy, tmp_path, monkeypatch):
+    monkeypatch.chdir(micro_copy.parent)
+    (micro_copy.parent / "params.yaml").write_text("prepare:\n  workers: 1\n")
+    assert prepare.main(["--split", "testA", "--no-progress"]) == 0
+    store = FeatureStore.open(micro_copy.parent / "features" / "testA")
+    assert len(store) > 0 and store.answers is not None

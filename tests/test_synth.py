@@ -1,0 +1,69 @@
+"""The synthetic generator writes the official format and the real data's hard structure."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+
+import numpy as np
+import pandas as pd
+
+from mmrecall.config import SynthParams
+from mmrecall.synth import generate
+from mmrecall.tsv import COLUMNS
+
+from .conftest import MICRO
+
+
+def read(path) -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, dtype={"query": str})
+
+
+def test_layout_and_format(micro_data):
+    for rel in ("train/train.tsv", "valid/valid.tsv", "valid/valid_answer.json", "testA/testA.tsv",
+                "testA/testA_answer.json", "multimodal_labels.txt"):
+        assert (micro_data / rel).exists(), rel
+    labels = pd.read_csv(micro_data / "multimodal_labels.txt", sep="\t")
+    assert labels.columns.tolist() == ["category_id", "category_name"] and labels.category_id.tolist() == list(range(33))
+    df = read(micro_data / "valid" / "valid.tsv")
+    assert tuple(df.columns) == COLUMNS
+    r = df.iloc[0]
+    n = int(r.num_boxes)
+    boxes = np.frombuffer(base64.b64decode(r.boxes), "<f4").reshape(n, 4)
+    feats = np.frombuffer(base64.b64decode(r.features), "<f4").reshape(n, 2048)
+    labs = np.frombuffer(base64.b64decode(r.class_labels), "<i8")
+    assert (feats >= 0).all() and (feats == 0).mean() > 0.3  # ReLU-like and sparse
+    assert (boxes[:, 2] <= r.image_h).all() and (boxes[:, 3] <= r.image_w).all() and (boxes[:, :2] >= 0).all()
+    assert labs.min() >= 0 and labs.max() <= 32
+
+
+def test_same_seed_same_bytes(micro_data, tmp_path):
+    generate(tmp_path / "again", SynthParams(**MICRO), progress=False)
+    for rel in ("train/train.tsv", "valid/valid.tsv", "testA/testA_answer.json"):
+        assert (micro_data / rel).read_bytes() == (tmp_path / "again" / rel).read_bytes(), rel
+
+
+def test_candidate_structure(micro_data):
+    df = read(micro_data / "valid" / "valid.tsv")
+    answers = {int(q): set(p) for q, p in json.loads((micro_data / "valid" / "valid_answer.json").read_text()).items()}
+    assert df.groupby("query_id").size().eq(30).all()
+    assert np.mean([len(a) == 6 for a in answers.values()]) > 0.8
+    test = read(micro_data / "testA" / "testA.tsv")
+    counts = pd.concat([df.product_id, test.product_id]).value_counts()
+    is_answer = np.array([p in answers[q] for q, p in zip(df.query_id, df.product_id)])
+    once = df.product_id.map(counts).eq(1).to_numpy()
+    assert once[is_answer].all()  # answers occur once
+    assert 0.1 < once[~is_answer].mean() < 0.7  # negatives mostly recur
+    # every answer is a candidate of its own query
+    for q, a in answers.items():
+        assert a <= set(df.product_id[df.query_id == q])
+
+
+def test_queries_look_like_the_real_ones(micro_data):
+    train = read(micro_data / "train" / "train.tsv")
+    n_words = train["query"].str.split().str.len()
+    assert n_words.between(2, 6).all()
+    assert train.groupby("query_id").size().mean() > 1.5  # several products per train query
+    nb = train.num_boxes
+    assert nb.min() >= 1 and 2.8 < nb.mean() < 5.0
