@@ -12,7 +12,7 @@ export DO_NOT_TRACK := true
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test test-all bench clean-outputs
+.PHONY: install repro test test-fast bench clean-outputs
 
 install: $(STAMP)
 
@@ -32,12 +32,12 @@ repro: $(STAMP)
 	dvc repro
 	@echo; mmrecall report
 
-## make test: the fast suite (add -m slow for the end-to-end runs: make test-all).
+## make test: the whole suite, the end-to-end dvc repro included (make test-fast skips `slow`).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_prepare.py
