@@ -1,0 +1,50 @@
+"""Shared pieces of the three rankers: the per-box image input, masking helpers, the output type.
+
+Masks follow the batch convention everywhere: True (or 1) marks a real token / box.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+FEAT_DIM = 2048  # detector ROI feature
+BOX_DIM = 6  # normalised top, left, bottom, right, area, aspect
+NUM_LABELS = 33  # detector classes (multimodal_labels.txt)
+NEG_INF = -1e9  # logit given to masked positions, as in MCAN / openvqa
+
+
+@dataclass
+class RankerOutput:
+    """What every ranker returns: one score per (query, image) pair and the vector behind it."""
+
+    logits: Tensor  # (B,)
+    fused: Tensor  # (B, D), the features handed to the LightGBM re-ranker
+
+
+def masked_fill(logits: Tensor, mask: Tensor, value: float = NEG_INF) -> Tensor:
+    """Set `logits` to `value` where `mask` is False; `mask` broadcasts against `logits`."""
+    return logits.masked_fill(~mask.bool(), value)
+
+
+def masked_softmax(logits: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
+    """Softmax over `dim` that gives (numerically) zero weight to positions where `mask` is False."""
+    return torch.softmax(masked_fill(logits, mask), dim=dim)
+
+
+class ImageInput(nn.Module):
+    """Per-box input row [2048 feature | 6 box | trainable class-label embedding] (2048 + 6 + 32 = 2086)."""
+
+    def __init__(self, label_dim: int = 32, num_labels: int = NUM_LABELS):
+        super().__init__()
+        self.label_embedding = nn.Embedding(num_labels, label_dim)
+
+    @property
+    def out_dim(self) -> int:
+        return FEAT_DIM + BOX_DIM + self.label_embedding.embedding_dim
+
+    def forward(self, img_feat: Tensor, img_box: Tensor, img_label: Tensor) -> Tensor:
+        # img_feat (B, N, 2048), img_box (B, N, 6), img_label (B, N) -> (B, N, 2086)
+        return torch.cat([img_feat, img_box, self.label_embedding(img_label)], dim=-1)

@@ -1,0 +1,87 @@
+"""The solo team's "siamese" light-BERT: two independent BERT towers scored by a dot product.
+
+Text tower: a BERT encoder over the query, pooled output tanh(Linear(h_[CLS])).
+Image tower: ROI -> Linear(2048 -> H) -> LayerNorm (no word / position / type embeddings, no dropout)
+-> its own BERT encoder -> the same pooler on the first ROI.
+Trained with in-batch negatives: element-wise BCE over the B x B similarity matrix.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from .backbone import (
+    SHIPPED,
+    build_encoder,
+    encoder_attention_mask,
+    load_backbone_config,
+    load_pretrained_encoder,
+)
+from .image_input import FEAT_DIM, RankerOutput
+
+
+@dataclass
+class TwoTowerConfig:
+    hidden: int | None = None  # None = the backbone's (768 in the original, random BertConfig defaults)
+    layers: int = 4
+    heads: int | None = None
+    ff: int | None = None
+    init_text_from_backbone: bool = False  # the original trained both towers from scratch
+    backbone: str = SHIPPED  # tokenizer / architecture; its weights only if init_text_from_backbone
+
+
+def in_batch_loss(text_vec: Tensor, image_vec: Tensor) -> Tensor:
+    """Mean element-wise BCE-with-logits of the (B, B) similarity matrix against the identity."""
+    sim = text_vec @ image_vec.T  # (B, B)
+    return F.binary_cross_entropy_with_logits(sim, torch.eye(len(sim), dtype=sim.dtype, device=sim.device))
+
+
+class TwoTower(nn.Module):
+    def __init__(self, cfg: TwoTowerConfig, text_tower: PreTrainedModel):
+        """The image tower copies `text_tower`'s architecture with its own random weights."""
+        super().__init__()
+        self.cfg = cfg
+        self.text_tower = text_tower
+        image_tower = build_encoder(copy.deepcopy(text_tower.config))
+        self.image_config = image_tower.config
+        hidden = self.image_config.hidden_size
+        self.roi_proj = nn.Linear(FEAT_DIM, hidden)
+        self.roi_norm = nn.LayerNorm(hidden, eps=self.image_config.layer_norm_eps)
+        self.image_encoder = image_tower.encoder
+        self.image_pooler = image_tower.pooler
+
+    @classmethod
+    def from_config(cls, cfg: TwoTowerConfig) -> TwoTower:
+        config = load_backbone_config(cfg.backbone, cfg.layers)
+        sizes = {"hidden_size": cfg.hidden, "num_attention_heads": cfg.heads, "intermediate_size": cfg.ff}
+        sizes = {key: value for key, value in sizes.items() if value is not None}
+        if cfg.init_text_from_backbone:
+            if conflicts := {key: value for key, value in sizes.items() if getattr(config, key) != value}:
+                raise ValueError(f"{conflicts} conflict with the pretrained {cfg.backbone!r} text tower")
+            return cls(cfg, load_pretrained_encoder(cfg.backbone, cfg.layers))
+        config.update(sizes)
+        return cls(cfg, build_encoder(config))
+
+    @property
+    def fused_dim(self) -> int:
+        return 3 * self.image_config.hidden_size
+
+    def encode_text(self, batch: dict[str, Tensor]) -> Tensor:
+        out = self.text_tower(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long())
+        return out.pooler_output  # (B, H)
+
+    def encode_image(self, batch: dict[str, Tensor]) -> Tensor:
+        x = self.roi_norm(self.roi_proj(batch["img_feat"]))  # (B, N, H)
+        mask = encoder_attention_mask(self.image_config, x, batch["img_mask"].long())
+        x = self.image_encoder(x, attention_mask=mask).last_hidden_state  # (B, N, H)
+        return self.image_pooler(x)  # (B, H), from the first ROI
+
+    def forward(self, batch: dict[str, Tensor]) -> RankerOutput:
+        t, v = self.encode_text(batch), self.encode_image(batch)
+        return RankerOutput(logits=(t * v).sum(-1), fused=torch.cat([t, v, t * v], dim=-1))

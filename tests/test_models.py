@@ -1,0 +1,218 @@
+"""The three rankers on tiny random configs, plus the shipped MiniLM backbone."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import RobertaConfig
+
+from mmrecall.backbone import build_encoder, load_pretrained_encoder, load_tokenizer, tiny_config
+from mmrecall.image_input import ImageInput, RankerOutput
+from mmrecall.mcan import MCAN, LayerNorm, MCANConfig
+from mmrecall.two_tower import TwoTower, TwoTowerConfig, in_batch_loss
+from mmrecall.visualbert import VisualBERT, VisualBERTConfig
+
+QUERIES = ["a red dress for girls", "shoes", "bluetooth speaker with led light"]
+NUM_BOXES = [3, 5, 1]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+def tiny_roberta_config() -> RobertaConfig:
+    return RobertaConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        type_vocab_size=1,  # RoBERTa has a single token type
+        pad_token_id=1,
+        max_position_embeddings=64,
+    )
+
+
+TINY_MCAN = MCANConfig(hidden=32, heads=4, ff=64, layers=2, flat_mlp=16, flat_out=24)
+MODELS = {
+    "mcan": lambda: MCAN(TINY_MCAN, build_encoder(tiny_config())),
+    "visualbert": lambda: VisualBERT(VisualBERTConfig(), build_encoder(tiny_config())),
+    "visualbert-roberta": lambda: VisualBERT(VisualBERTConfig(), build_encoder(tiny_roberta_config())),
+    "two_tower": lambda: TwoTower(TwoTowerConfig(), build_encoder(tiny_config())),
+}
+
+
+def make_batch(tokenizer, text_pad: int = 0, box_pad: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Real boxes are random; `box_pad` extra padded boxes hold garbage (masked), `text_pad` extra [PAD]s."""
+    g = torch.Generator().manual_seed(seed)
+    enc = tokenizer(QUERIES, padding=True, return_tensors="pt")
+    ids = F.pad(enc["input_ids"], (0, text_pad), value=tokenizer.pad_token_id)
+    text_mask = F.pad(enc["attention_mask"], (0, text_pad), value=0)
+    B, N = len(QUERIES), max(NUM_BOXES)
+    img_mask = torch.arange(N)[None, :] < torch.tensor(NUM_BOXES)[:, None]  # (B, N)
+    feat = torch.rand(B, N, 2048, generator=g) * img_mask[..., None]
+    box = torch.rand(B, N, 6, generator=g) * img_mask[..., None]
+    label = torch.randint(0, 33, (B, N), generator=g) * img_mask
+    if box_pad:
+        feat = torch.cat([feat, torch.randn(B, box_pad, 2048, generator=g)], 1)
+        box = torch.cat([box, torch.rand(B, box_pad, 6, generator=g)], 1)
+        label = torch.cat([label, torch.randint(0, 33, (B, box_pad), generator=g)], 1)
+        img_mask = F.pad(img_mask, (0, box_pad), value=False)
+    return {
+        "input_ids": ids, "attention_mask": text_mask,
+        "img_feat": feat, "img_box": box, "img_label": label, "img_mask": img_mask,
+    }
+
+
+def build(name: str):
+    torch.manual_seed(0)
+    return MODELS[name]().eval()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_output_shapes(name, tokenizer):
+    model = build(name)
+    out = model(make_batch(tokenizer))
+    assert isinstance(out, RankerOutput)
+    assert out.logits.shape == (len(QUERIES),)
+    assert out.fused.shape == (len(QUERIES), model.fused_dim)
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.fused).all()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_padding_invariance(name, tokenizer):
+    model = build(name)
+    with torch.no_grad():
+        ref = model(make_batch(tokenizer))
+        padded_batch = make_batch(tokenizer, text_pad=4, box_pad=6)
+        padded = model(padded_batch)
+        torch.testing.assert_close(padded.logits, ref.logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(padded.fused, ref.fused, atol=1e-5, rtol=0)
+        # The garbage in the padded boxes does reach the model once the mask lets it through.
+        padded_batch["img_mask"] = torch.ones_like(padded_batch["img_mask"])
+        assert not torch.allclose(model(padded_batch).logits, ref.logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_score_depends_on_text_and_image(name, tokenizer):
+    model = build(name)
+    batch = make_batch(tokenizer)
+    with torch.no_grad():
+        ref = model(batch).logits
+        other_image = dict(batch, img_feat=batch["img_feat"] * 2)
+        other_text = dict(
+            batch, input_ids=batch["input_ids"].roll(1, 0), attention_mask=batch["attention_mask"].roll(1, 0)
+        )
+        assert not torch.allclose(model(other_image).logits, ref, atol=1e-4)
+        assert not torch.allclose(model(other_text).logits, ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_parameter_gets_a_gradient(name, tokenizer):
+    model = build(name).train()
+    model(make_batch(tokenizer)).logits.sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing
+
+
+def test_image_input_layout():
+    torch.manual_seed(0)
+    layer = ImageInput(label_dim=32, num_labels=33)
+    feat, box, label = torch.randn(2, 4, 2048), torch.rand(2, 4, 6), torch.randint(0, 33, (2, 4))
+    out = layer(feat, box, label)
+    assert out.shape == (2, 4, 2086) == (2, 4, layer.out_dim)
+    torch.testing.assert_close(out[..., :2048], feat)
+    torch.testing.assert_close(out[..., 2048:2054], box)
+    torch.testing.assert_close(out[..., 2054:], layer.label_embedding.weight[label])
+
+
+def test_mcan_layernorm_matches_formula():
+    torch.manual_seed(0)
+    ln = LayerNorm(8)
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+    x = torch.randn(3, 5, 8) * 4 + 1
+    mean = x.mean(-1, keepdim=True)
+    std = ((x - mean) ** 2).sum(-1, keepdim=True).div(8 - 1).sqrt()  # unbiased
+    torch.testing.assert_close(ln(x), ln.weight * (x - mean) / (std + 1e-6) + ln.bias)
+    # ... which is not torch's LayerNorm (biased variance, eps inside the root).
+    assert not torch.allclose(ln(x), F.layer_norm(x, (8,), ln.weight, ln.bias, eps=1e-6), atol=1e-3)
+
+
+
+def test_faithful_mcan_size():
+    """Spec 3.3 sizes (H 1024, 16 heads, FF 4096, 12 + 12 blocks, roberta-large embeddings): about 450M."""
+    roberta_large = RobertaConfig(
+        vocab_size=50265, hidden_size=1024, num_hidden_layers=0, num_attention_heads=16,
+        max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
+    )
+    with torch.device("meta"):
+        model = MCAN(MCANConfig(), build_encoder(roberta_large))
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    H, FF = 1024, 4096
+    mha, ffn, ln = 4 * (H * H + H), 2 * H * FF + FF + H, 2 * H
+    assert count(model.mca.encoder) == 12 * (mha + ffn + 2 * ln)  # SA: MHA, FFN, 2 LN
+    assert count(model.mca.decoder) == 12 * (2 * mha + ffn + 3 * ln)  # SGA: 2 MHA, FFN, 3 LN
+    assert model.fused_dim == 8192 and model.classifier[0].out_features == 4096
+    assert 440e6 < count(model) < 460e6
+
+def test_in_batch_loss_hand_computed():
+    t = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    v = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    # sim = t @ v.T = [[1, 0], [2, 2]]; diagonal targets 1, off-diagonal 0.
+    # BCE-with-logits is softplus(-x) for a target of 1 and softplus(x) for a target of 0.
+    softplus = [math.log1p(math.exp(x)) for x in (-1, 0, 2, -2)]
+    expected = sum(softplus) / 4
+    assert in_batch_loss(t, v).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_two_tower_logits_are_paired_dot_products(tokenizer):
+    model = build("two_tower")
+    batch = make_batch(tokenizer)
+    with torch.no_grad():
+        t, v, out = model.encode_text(batch), model.encode_image(batch), model(batch)
+    torch.testing.assert_close(out.logits, (t * v).sum(-1))
+    torch.testing.assert_close(out.fused, torch.cat([t, v, t * v], -1))
+    assert model.image_encoder is not model.text_tower.encoder
+
+
+def test_shipped_minilm_loads_offline(tokenizer):
+    full = load_pretrained_encoder("minilm")
+    short = load_pretrained_encoder("minilm", num_layers=2)
+    assert full.config.hidden_size == short.config.hidden_size == 384
+    assert len(full.encoder.layer) == 6 and len(short.encoder.layer) == short.config.num_hidden_layers == 2
+    full_state = full.state_dict()
+    for key, value in short.state_dict().items():
+        torch.testing.assert_close(value, full_state[key], msg=key)
+    random = load_pretrained_encoder("minilm", num_layers=2, pretrained=False)
+    assert not torch.allclose(
+        random.embeddings.word_embeddings.weight, short.embeddings.word_embeddings.weight
+    )
+    # Uncased WordPiece that matches the embedding table.
+    assert len(tokenizer) == full.config.vocab_size
+    assert tokenizer("Red Dress")["input_ids"] == tokenizer("red dress")["input_ids"]
+
+
+def test_from_config(tokenizer):
+    batch = make_batch(tokenizer)
+    torch.manual_seed(0)
+    mcan_cfg = MCANConfig(hidden=32, heads=4, ff=64, layers=1, flat_mlp=16, flat_out=24, pretrained=False)
+    mcan = MCAN.from_config(mcan_cfg)
+    assert mcan.lang_proj.in_features == 384
+    visualbert = VisualBERT.from_config(VisualBERTConfig(backbone_layers=1, pretrained=False))
+    assert visualbert.fused_dim == 384 and len(visualbert.bert.encoder.layer) == 1
+    two_tower = TwoTower.from_config(TwoTowerConfig(hidden=32, layers=2, heads=4, ff=37))
+    assert two_tower.fused_dim == 96 and len(two_tower.image_encoder.layer) == 2
+    for model in (mcan, visualbert, two_tower):
+        assert model.eval()(batch).fused.shape == (len(QUERIES), model.fused_dim)
+
+    pretrained = TwoTower.from_config(TwoTowerConfig(layers=1, init_text_from_backbone=True))
+    shipped = load_pretrained_encoder("minilm", num_layers=1)
+    torch.testing.assert_close(pretrained.text_tower.state_dict(), shipped.state_dict())
+    with pytest.raises(ValueError):
+        TwoTower.from_config(TwoTowerConfig(hidden=32, layers=1, init_text_from_backbone=True))
