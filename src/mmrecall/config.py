@@ -65,6 +65,43 @@ class BaselineParams:
 
 
 @dataclass
+class ScheduleParams:
+    """Sine wave with linear warmup (spec §3.6)."""
+
+    warmup_ratio: float = 0.1
+    cycles: int = 6
+    amplitude: float = 0.3
+
+
+@dataclass
+class TrainParams:
+    """The neural rankers: one DVC matrix member per (model, seed)."""
+
+    models: list[str] = field(default_factory=lambda: ["mcan", "visualbert", "two_tower"])
+    seeds: list[int] = field(default_factory=lambda: [1, 2])
+    steps: int = 600  # optimizer steps per member
+    eval_every: int = 200  # valid NDCG@5 (and a checkpoint) every N steps
+    batch_size: int = 64  # triples (query, positive, negative); pairs for the two-tower
+    negatives: int = 10  # hard negatives per positive in the TF-IDF pool sampler (1st place: 10)
+    lr: float = 3.0e-4
+    weight_decay: float = 0.01
+    focal_alpha: float = 1.0
+    focal_gamma: float = 2.0
+    schedule: ScheduleParams = field(default_factory=ScheduleParams)
+    max_query_len: int = 16
+    max_boxes: int = 10  # boxes per image given to the models (<= prepare.box_cap)
+    eval_batch_size: int = 256
+    accelerator: str = "cpu"  # Lightning: cpu, gpu, auto
+    devices: int = 1
+    strategy: str = "auto"  # ddp for several GPUs / nodes
+    precision: str = "32-true"  # 16-mixed / bf16-mixed on GPUs
+    num_threads: int = 0  # torch CPU threads (0 = torch's default)
+    mcan: dict = field(default_factory=dict)  # MCANConfig fields
+    visualbert: dict = field(default_factory=dict)  # VisualBERTConfig fields
+    two_tower: dict = field(default_factory=dict)  # TwoTowerConfig fields
+
+
+@dataclass
 class PostprocessParams:
     frequency_filter: bool = True  # 1st place: keep candidates occurring once over the eval files
     exclusivity: bool = False  # 2nd place: a product belongs to its argmax query only
@@ -88,6 +125,7 @@ class Params:
     synth: SynthParams = field(default_factory=SynthParams)
     prepare: PrepareParams = field(default_factory=PrepareParams)
     baseline: BaselineParams = field(default_factory=BaselineParams)
+    train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
 

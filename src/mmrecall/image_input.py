@@ -34,6 +34,19 @@ def masked_softmax(logits: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
     return torch.softmax(masked_fill(logits, mask), dim=dim)
 
 
+def on_real_boxes(fn: nn.Module, x: Tensor, mask: Tensor) -> Tensor:
+    """Apply a per-box module to the real boxes only; padded positions get zeros.
+
+    Boxes are padded to the largest image of the batch (up to 30 while the mean is ~4), so running a
+    wide per-box MLP on the padding would be most of the cost. x (B, N, D_in) -> (B, N, D_out).
+    """
+    mask = mask.bool()
+    out = fn(x[mask])  # (R, D_out), R = real boxes in the batch
+    full = out.new_zeros(*mask.shape, out.shape[-1])
+    full[mask] = out
+    return full
+
+
 class ImageInput(nn.Module):
     """Per-box input row [2048 feature | 6 box | trainable class-label embedding] (2048 + 6 + 32 = 2086)."""
 

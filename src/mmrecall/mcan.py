@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from .backbone import SHIPPED, load_pretrained_encoder
-from .image_input import NUM_LABELS, ImageInput, RankerOutput, masked_softmax
+from .image_input import NUM_LABELS, ImageInput, RankerOutput, masked_softmax, on_real_boxes
 
 
 @dataclass
@@ -29,10 +29,12 @@ class MCANConfig:
     dropout: float = 0.1
     flat_mlp: int = 512
     flat_out: int = 2048
+    img_mlp: int | None = None  # inner width of the per-box image MLP; None = the input width (2086)
     label_dim: int = 32
     num_labels: int = NUM_LABELS
     backbone: str = SHIPPED  # only its embeddings module is used
     pretrained: bool = True
+    train_word_embeddings: bool = True  # the 1st place fine-tuned them; freezing saves a lot on CPU
 
 
 class LayerNorm(nn.Module):
@@ -162,8 +164,9 @@ class MCAN(nn.Module):
         self.embeddings = backbone.embeddings
         self.lang_proj = nn.Linear(backbone.config.hidden_size, cfg.hidden)
         self.image_input = ImageInput(cfg.label_dim, cfg.num_labels)
-        d = self.image_input.out_dim
-        self.img_proj = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, cfg.hidden))
+        d, inner = self.image_input.out_dim, cfg.img_mlp or self.image_input.out_dim
+        self.img_proj = nn.Sequential(nn.Linear(d, inner), nn.ReLU(), nn.Linear(inner, cfg.hidden))
+        self.embeddings.word_embeddings.weight.requires_grad_(cfg.train_word_embeddings)
         self.mca = MCAEncoderDecoder(cfg)
         self.lang_flat = AttFlat(cfg)
         self.img_flat = AttFlat(cfg)
@@ -184,7 +187,7 @@ class MCAN(nn.Module):
         lang_mask, img_mask = batch["attention_mask"].bool(), batch["img_mask"].bool()
         lang = self.lang_proj(self.embeddings(input_ids=batch["input_ids"]))  # (B, T, H)
         img = self.image_input(batch["img_feat"], batch["img_box"], batch["img_label"])  # (B, N, 2086)
-        img = self.img_proj(img)  # (B, N, H)
+        img = on_real_boxes(self.img_proj, img, img_mask)  # (B, N, H)
         lang, img = self.mca(lang, img, lang_mask, img_mask)
         t, v = self.lang_flat(lang, lang_mask), self.img_flat(img, img_mask)  # (B, flat_out) each
         z = torch.cat([norm(f) for norm, f in zip(self.fuse_norms, (t, v, t * v, (t - v).abs()))], dim=-1)

@@ -23,7 +23,7 @@ from .backbone import (
     load_backbone_config,
     load_pretrained_encoder,
 )
-from .image_input import FEAT_DIM, RankerOutput
+from .image_input import FEAT_DIM, RankerOutput, on_real_boxes
 
 
 @dataclass
@@ -77,7 +77,7 @@ class TwoTower(nn.Module):
         return out.pooler_output  # (B, H)
 
     def encode_image(self, batch: dict[str, Tensor]) -> Tensor:
-        x = self.roi_norm(self.roi_proj(batch["img_feat"]))  # (B, N, H)
+        x = on_real_boxes(lambda roi: self.roi_norm(self.roi_proj(roi)), batch["img_feat"], batch["img_mask"])  # (B, N, H)
         mask = encoder_attention_mask(self.image_config, x, batch["img_mask"].long())
         x = self.image_encoder(x, attention_mask=mask).last_hidden_state  # (B, N, H)
         return self.image_pooler(x)  # (B, H), from the first ROI

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from .backbone import SHIPPED, load_pretrained_encoder
-from .image_input import BOX_DIM, FEAT_DIM, RankerOutput
+from .image_input import BOX_DIM, FEAT_DIM, RankerOutput, on_real_boxes
 
 
 @dataclass
@@ -64,7 +64,7 @@ class VisualBERT(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> RankerOutput:
         text_mask, img_mask = batch["attention_mask"].bool(), batch["img_mask"].bool()
         text = self.bert.embeddings.word_embeddings(batch["input_ids"])  # (B, T, H)
-        img = self.img_proj(torch.cat([batch["img_feat"], batch["img_box"]], dim=-1))  # (B, N, H)
+        img = on_real_boxes(self.img_proj, torch.cat([batch["img_feat"], batch["img_box"]], dim=-1), img_mask)  # (B, N, H)
         mask = torch.cat([text_mask, img_mask], dim=1)  # (B, T + N)
         token_type = torch.cat([torch.zeros_like(text_mask), torch.ones_like(img_mask)], dim=1).long()
         position = mask.long().cumsum(1) - 1 + self.position_offset

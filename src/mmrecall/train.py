@@ -1,0 +1,406 @@
+"""`train`: one neural ranker member (model x seed), as a DVC matrix stage.
+
+- Data: train rows grouped by cleaned query text; TF-IDF similar-query hard negatives (spec §3.5),
+  re-drawn every "epoch" (= `eval_every` steps) from a seed that depends only on (seed, epoch);
+  the two-tower trains on positive pairs with the in-batch loss (spec §4.3).
+- Loss and schedule: pointwise focal loss on (query, positive) and (query, negative) pairs, AdamW,
+  sine wave with linear warmup (spec §3.6).
+- Lightning Trainer (cpu by default; devices / strategy / precision from params). Valid NDCG@5 every
+  `eval_every` steps; the best checkpoint by valid NDCG@5 is kept. An interrupted run resumes from
+  its last checkpoint in checkpoints/<model>-seed<k>/ (kept outside DVC's outs, which DVC deletes
+  before a stage runs) when it was written with the same params.
+- Outputs: models/<model>/seed<k>/model.pt (weights + config), outputs/<model>-seed<k>/<split>.parquet
+  (score tables) and <split>_fused.npy (the vectors for the re-ranker), metrics/train/<model>-seed<k>.json.
+- MLflow: run `<model>-seed<k>` nested under a parent run `<model>` that carries mean and std of
+  NDCG@5 over the finished seeds; loss, lr and ndcg_at_5 as step series; model.pt as an artifact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from . import tracking
+from .backbone import load_tokenizer
+from .batching import EvalBatches, QueryTokens, image_batch
+from .config import Params, TrainParams, flatten, load_params, to_dict
+from .evaluate import eval_stores, flat_metrics, model_report
+from .losses import focal_loss_with_logits, sine_wave_scheduler
+from .mcan import MCAN, MCANConfig
+from .metrics import METRIC, evaluate_scores
+from .sampler import HardNegativeSampler, build_pools, group_queries
+from .store import FeatureStore
+from .two_tower import TwoTower, TwoTowerConfig, in_batch_loss
+from .visualbert import VisualBERT, VisualBERTConfig
+
+MODELS = {"mcan": (MCAN, MCANConfig), "visualbert": (VisualBERT, VisualBERTConfig), "two_tower": (TwoTower, TwoTowerConfig)}
+
+
+def model_config(name: str, params: TrainParams):
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}")
+    cls = MODELS[name][1]
+    overrides = getattr(params, name)
+    known = {f.name for f in dataclasses.fields(cls)}
+    if unknown := sorted(set(overrides) - known):
+        raise ValueError(f"params.yaml train.{name}: unknown key(s) {unknown}; known: {sorted(known)}")
+    return cls(**overrides)
+
+
+def build_model(name: str, cfg) -> nn.Module:
+    return MODELS[name][0].from_config(cfg)
+
+
+def save_member(path: Path, name: str, cfg, model: nn.Module, extra: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": name, "config": dataclasses.asdict(cfg), "state_dict": model.state_dict(), **extra}, path)
+
+
+def load_member(path: str | Path) -> tuple[str, nn.Module, dict]:
+    """(model name, the model in eval mode with its trained weights, the saved extras)."""
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    name = blob["model"]
+    cfg = MODELS[name][1](**{**blob["config"], "pretrained": False})  # the weights come from the file
+    model = MODELS[name][0].from_config(cfg)
+    model.load_state_dict(blob["state_dict"])
+    return name, model.eval(), blob
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+class TrainBatches(IterableDataset):
+    """`n_batches` batches of one epoch; what they hold depends only on (seed, epoch, rank)."""
+
+    def __init__(self, data: "TrainData", epoch: int, n_batches: int, rank: int = 0):
+        self.data, self.epoch, self.n_batches, self.rank = data, epoch, n_batches, rank
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __iter__(self):
+        d = self.data
+        rng = np.random.default_rng([d.seed, self.epoch, self.rank])
+        B = d.params.batch_size
+        if d.pairwise:  # two-tower: positive pairs, the batch supplies the negatives
+            rows = rng.permutation(np.resize(rng.permutation(len(d.store)), self.n_batches * B))
+            for i in range(self.n_batches):
+                r = rows[i * B : (i + 1) * B]
+                yield {"pos": {**d.tokens.batch(d.row_query[r]), **image_batch(d.store, r, d.params.max_boxes)}}
+            return
+        triples = d.sampler.sample(rng)
+        pick = np.resize(rng.permutation(len(triples.query)), self.n_batches * B)
+        for i in range(self.n_batches):
+            t = pick[i * B : (i + 1) * B]
+            tokens = d.tokens.batch(triples.query[t])
+            yield {
+                "pos": {**tokens, **image_batch(d.store, triples.positive[t], d.params.max_boxes)},
+                "neg": {**tokens, **image_batch(d.store, triples.negative[t], d.params.max_boxes)},
+            }
+
+
+class TrainData:
+    """The train store grouped by cleaned query, tokenised once, with its hard-negative sampler."""
+
+    def __init__(self, store: FeatureStore, tokenizer, params: TrainParams, seed: int, pairwise: bool):
+        self.store, self.params, self.seed, self.pairwise = store, params, seed, pairwise
+        texts, self.row_query = group_queries(store.rows.query_clean.tolist())
+        self.tokens = QueryTokens.build(texts, tokenizer, params.max_query_len)
+        if not pairwise:
+            pools = build_pools(texts, np.bincount(self.row_query), np.random.default_rng(seed))
+            self.sampler = HardNegativeSampler.from_row_queries(self.row_query, pools, params.negatives)
+
+
+class EvalIterable(IterableDataset):
+    def __init__(self, batches: EvalBatches):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+# --- the Lightning module ---------------------------------------------------------------------
+
+
+class Ranker(L.LightningModule):
+    """Wraps one model: focal loss on positive/negative pairs, or the in-batch loss (two-tower)."""
+
+    def __init__(self, name: str, model: nn.Module, params: TrainParams, seed: int, valid: FeatureStore | None = None):
+        super().__init__()
+        self.name, self.model, self.params, self.seed, self.valid = name, model, params, seed, valid
+        self._val_logits: list[torch.Tensor] = []
+        self.samples_seen = 0
+
+    def training_step(self, batch, batch_idx):
+        p = self.params
+        if "neg" not in batch:
+            pos = batch["pos"]
+            loss = in_batch_loss(self.model.encode_text(pos), self.model.encode_image(pos))
+            self.samples_seen += len(pos["input_ids"])
+        else:
+            lp, ln = self.model(batch["pos"]).logits, self.model(batch["neg"]).logits
+            loss = focal_loss_with_logits(lp, torch.ones_like(lp), p.focal_alpha, p.focal_gamma) + focal_loss_with_logits(
+                ln, torch.zeros_like(ln), p.focal_alpha, p.focal_gamma
+            )
+            self.samples_seen += 2 * len(lp)
+        self.log("loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_epoch_start(self):
+        torch.manual_seed(self.seed * 100_003 + self.current_epoch)  # dropout depends on (seed, epoch) only
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        step = self.global_step
+        if self.trainer.is_global_zero and mlflow.active_run() and (step % 10 == 0 or step == 1):
+            mlflow.log_metrics({"loss": float(outputs["loss"]), "lr": self.optimizers().param_groups[0]["lr"]}, step=step)
+
+    def validation_step(self, batch, batch_idx):
+        self._val_logits.append(self.model(batch).logits.float().cpu())
+
+    def on_validation_epoch_end(self):
+        logits = torch.cat(self._val_logits).numpy()
+        self._val_logits.clear()
+        rows = self.valid.rows
+        table = pd.DataFrame({"query_id": rows.query_id, "product_id": rows.product_id, "score": logits})
+        value = evaluate_scores(table, self.valid.answers)
+        self.log(METRIC, value, prog_bar=True)
+        if self.trainer.is_global_zero and mlflow.active_run():
+            mlflow.log_metric(METRIC, value, step=self.global_step)
+
+    def configure_optimizers(self):
+        p = self.params
+        trainable = [w for w in self.model.parameters() if w.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=p.lr, weight_decay=p.weight_decay)
+        s = p.schedule
+        sched = sine_wave_scheduler(opt, p.steps, s.warmup_ratio, s.cycles, s.amplitude)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class StopAfter(Callback):
+    """Simulates a crash after `steps` optimizer steps (used to test resuming)."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.steps:
+            raise InterruptedError(f"stopped after {self.steps} steps (--stop-after)")
+
+
+# --- one member ---------------------------------------------------------------------------------
+
+
+def member_name(model: str, seed: int) -> str:
+    return tracking.run_name(model, seed)
+
+
+@torch.no_grad()
+def score_store(model: nn.Module, store: FeatureStore, tokenizer, params: TrainParams) -> tuple[pd.DataFrame, np.ndarray]:
+    """Score table (query_id, product_id, score) and the fused vectors (float16) of every row."""
+    model.eval()
+    logits, fused = [], []
+    for batch in EvalBatches(store, tokenizer, params.max_query_len, params.eval_batch_size, params.max_boxes):
+        out = model(batch)
+        logits.append(out.logits.float().numpy())
+        fused.append(out.fused.float().numpy().astype(np.float16))
+    rows = store.rows
+    table = pd.DataFrame({"query_id": rows.query_id, "product_id": rows.product_id, "score": np.concatenate(logits)})
+    return table, np.concatenate(fused)
+
+
+def fit(
+    name: str,
+    seed: int,
+    params: Params,
+    progress: bool = True,
+    stop_after: int | None = None,
+    resume: bool = True,
+) -> dict:
+    """Train one member and write its outputs; returns its metrics report."""
+    tp = params.train
+    if tp.num_threads:
+        torch.set_num_threads(tp.num_threads)
+    L.seed_everything(seed, workers=True, verbose=False)
+    cfg = model_config(name, tp)
+    member = member_name(name, seed)
+    run_params = {
+        **flatten({"train": {k: v for k, v in to_dict(tp).items() if k not in MODELS and k not in ("models", "seeds")}}),
+        **flatten({name: dataclasses.asdict(cfg)}),
+        "model": name,
+        "seed": seed,
+    }
+    fingerprint = tracking.params_hash({**run_params, "data": tracking.data_hash()})
+    ckpt_dir = Path("checkpoints") / member
+    marker = ckpt_dir / "params_hash"
+    if ckpt_dir.exists() and (not resume or not marker.exists() or marker.read_text() != fingerprint):
+        shutil.rmtree(ckpt_dir)  # stale: written with other params or data
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(fingerprint)
+    last = ckpt_dir / "last.ckpt"
+
+    features = Path(params.data.features)
+    train_store = FeatureStore.open(features / "train")
+    stores = eval_stores(params)
+    valid = stores["valid"]
+    tokenizer = load_tokenizer(getattr(cfg, "backbone"))
+    data = TrainData(train_store, tokenizer, tp, seed, pairwise=name == "two_tower")
+    model = build_model(name, cfg)
+    module = Ranker(name, model, tp, seed, valid)
+
+    n_epochs = math.ceil(tp.steps / tp.eval_every)
+
+    class Loaders(L.LightningDataModule):
+        def train_dataloader(self):
+            rank = self.trainer.global_rank if self.trainer else 0
+            epoch = self.trainer.current_epoch if self.trainer else 0
+            return DataLoader(TrainBatches(data, epoch, tp.eval_every, rank), batch_size=None)
+
+        def val_dataloader(self):
+            batches = EvalBatches(valid, tokenizer, tp.max_query_len, tp.eval_batch_size, tp.max_boxes)
+            return DataLoader(EvalIterable(batches), batch_size=None)
+
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=METRIC, mode="max", save_top_k=1, save_last=True)
+    callbacks: list[Callback] = [checkpoint]
+    if stop_after:
+        callbacks.append(StopAfter(stop_after))
+    trainer = L.Trainer(
+        accelerator=tp.accelerator,
+        devices=tp.devices,
+        strategy=tp.strategy,
+        precision=tp.precision,
+        max_steps=tp.steps,
+        max_epochs=n_epochs,
+        limit_train_batches=tp.eval_every,
+        reload_dataloaders_every_n_epochs=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        callbacks=callbacks,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        deterministic=True,
+        default_root_dir=str(ckpt_dir),
+    )
+    parent_id = parent_run(name, run_params, params.tracking.experiment)
+    started = time.perf_counter()
+    with tracking.start_run(member, stage="train", params=run_params, experiment=params.tracking.experiment,
+                            tags={"model": name, "seed": str(seed), "mlflow.parentRunId": parent_id,
+                                  "kind": "member"}) as run:
+        trainer.fit(module, datamodule=Loaders(), ckpt_path=str(last) if resume and last.exists() else None)
+        seconds = time.perf_counter() - started
+        if not trainer.is_global_zero:
+            return {}
+        best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)
+        model.load_state_dict({k.removeprefix("model."): v for k, v in best["state_dict"].items()})
+        best_step = int(best["global_step"])
+
+        out_dir = Path(params.data.outputs) / member
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tables = {}
+        for split, store in stores.items():
+            tables[split], fused = score_store(model, store, tokenizer, tp)
+            tables[split].to_parquet(out_dir / f"{split}.parquet", index=False)
+            np.save(out_dir / f"{split}_fused.npy", fused)
+        report = model_report(tables, params, stores)
+        model_path = Path("models") / name / f"seed{seed}" / "model.pt"
+        save_member(model_path, name, cfg, model, {"seed": seed, "best_step": best_step, "train": to_dict(tp)})
+        metrics = flat_metrics(report)
+        mlflow.log_metrics({f"best_{k}" if k == METRIC else k: v for k, v in metrics.items()})
+        mlflow.log_metrics({"best_step": best_step, "train_seconds": seconds,
+                            "samples_per_s": module.samples_seen / max(seconds, 1e-9)})
+        mlflow.log_artifact(str(model_path), artifact_path="checkpoint")
+        run_id = run.info.run_id
+    update_parent(parent_id)
+    result = {**report, "best_step": best_step, "steps": tp.steps, "train_seconds": round(seconds, 1),
+              "samples_per_s": round(module.samples_seen / max(seconds, 1e-9), 1), "mlflow_run_id": run_id}
+    metrics_path = Path(params.data.metrics) / "train" / f"{member}.json"
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(json.dumps({k: v for k, v in result.items() if k != "mlflow_run_id"}, indent=2) + "\n")
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: nothing to resume
+    return result
+
+
+# --- parent runs ----------------------------------------------------------------------------------
+
+
+def parent_run(model: str, run_params: dict, experiment: str) -> str:
+    """The parent run `<model>` of members trained with the same params (but the seed) and data."""
+    group = tracking.params_hash({k: v for k, v in run_params.items() if k != "seed"} | {"data": tracking.data_hash()})
+    tracking.setup(experiment)
+    found = mlflow.search_runs(
+        experiment_names=[experiment] if not tracking.os.environ.get("MLFLOW_EXPERIMENT_ID") else None,
+        experiment_ids=[tracking.os.environ["MLFLOW_EXPERIMENT_ID"]] if tracking.os.environ.get("MLFLOW_EXPERIMENT_ID") else None,
+        filter_string=f"tags.kind = 'parent' and tags.group = '{group}'",
+        output_format="list",
+    )
+    if found:
+        return found[0].info.run_id
+    client = mlflow.MlflowClient()
+    exp_id = tracking.setup(experiment)
+    run = client.create_run(exp_id, run_name=model, tags={**tracking.standard_tags("train"), "kind": "parent",
+                                                           "group": group, "model": model})
+    for key, value in {k: v for k, v in run_params.items() if k != "seed"}.items():
+        client.log_param(run.info.run_id, key, str(value))
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def update_parent(parent_id: str) -> None:
+    """Mean and std over the parent's finished members of every final NDCG@5 metric."""
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_id)
+    children = mlflow.search_runs(
+        experiment_ids=[parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'FINISHED'",
+    )
+    cols = [c for c in children.columns if c.startswith(f"metrics.best_{METRIC}") or c.startswith(f"metrics.{METRIC}_")]
+    for col in cols:
+        values = children[col].dropna().to_numpy()
+        key = col.removeprefix("metrics.").removeprefix("best_")
+        client.log_metric(parent_id, f"{key}_mean", float(values.mean()))
+        client.log_metric(parent_id, f"{key}_std", float(values.std()))
+    client.log_metric(parent_id, "members", len(children))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mmrecall train",
+        description="Train one ranker member (a model and a seed from params.yaml `train`): hard negatives, "
+        "focal loss, sine-wave schedule, valid NDCG@5 every train.eval_every steps, best checkpoint kept, "
+        "resumes an interrupted run. Writes models/<model>/seed<k>/model.pt, outputs/<model>-seed<k>/ and "
+        "metrics/train/<model>-seed<k>.json, and logs MLflow run <model>-seed<k> under parent <model>.",
+    )
+    parser.add_argument("--model", required=True, choices=sorted(MODELS))
+    parser.add_argument("--seed", required=True, type=lambda s: int(float(s)))
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
+    parser.add_argument("--stop-after", type=int, help="simulate a crash after N steps (to test resuming)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    result = fit(args.model, args.seed, load_params(args.params), progress=not args.no_progress,
+                 stop_after=args.stop_after, resume=not args.no_resume)
+    if result:
+        print(f"{member_name(args.model, args.seed)}: " + json.dumps({k: v for k, v in result.items() if k != 'mlflow_run_id'}),
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
