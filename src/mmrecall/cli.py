@@ -12,6 +12,7 @@ STAGES = {
     "synth": ("synth", "write a synthetic dataset in the official format and layout"),
     "prepare": ("prepare", "decode + validate one split's TSV into the memory-mapped feature store"),
     "baseline": ("baseline", "fit and score the wordproto floor, log it to MLflow"),
+    "train": ("train", "train one ranker member (model x seed), logged to MLflow"),
     "evaluate": ("evaluate", "NDCG@5 of a submission / score table, or of every model (the stage)"),
     "report": ("report", "print the metrics table of the last `dvc repro`"),
 }

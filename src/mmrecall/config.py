@@ -53,7 +53,7 @@ class SynthParams:
 class PrepareParams:
     box_cap: int = 30  # boxes kept per image (1st place: 30), in file order
     max_boxes_filter: int = 0  # solo team: drop TRAIN rows with more boxes than this (40); 0 = off
-    chunk_bytes: int = 32 << 20  # bytes of TSV handed to a worker at a time
+    chunk_bytes: int = 8 << 20  # bytes of TSV per worker task (below glibc's mmap threshold, see BENCHMARKS.md)
     workers: int = 2  # processes decoding one file (0 or 1 = in-process)
 
 

@@ -29,6 +29,7 @@ class MCANConfig:
     dropout: float = 0.1
     flat_mlp: int = 512
     flat_out: int = 2048
+    feature_norm: bool = False  # LayerNorm on the 2048-d box features (see image_input.feature_norm)
     img_mlp: int | None = None  # inner width of the per-box image MLP; None = the input width (2086)
     label_dim: int = 32
     num_labels: int = NUM_LABELS
@@ -163,7 +164,7 @@ class MCAN(nn.Module):
         self.cfg = cfg
         self.embeddings = backbone.embeddings
         self.lang_proj = nn.Linear(backbone.config.hidden_size, cfg.hidden)
-        self.image_input = ImageInput(cfg.label_dim, cfg.num_labels)
+        self.image_input = ImageInput(cfg.label_dim, cfg.num_labels, cfg.feature_norm)
         d, inner = self.image_input.out_dim, cfg.img_mlp or self.image_input.out_dim
         self.img_proj = nn.Sequential(nn.Linear(d, inner), nn.ReLU(), nn.Linear(inner, cfg.hidden))
         self.embeddings.word_embeddings.weight.requires_grad_(cfg.train_word_embeddings)

@@ -277,7 +277,8 @@ def fit(
             batches = EvalBatches(valid, tokenizer, tp.max_query_len, tp.eval_batch_size, tp.max_boxes)
             return DataLoader(EvalIterable(batches), batch_size=None)
 
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=METRIC, mode="max", save_top_k=1, save_last=True)
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=METRIC, mode="max", save_top_k=1, save_last=True,
+                                 save_on_train_epoch_end=True)  # an epoch boundary: resumes exactly
     callbacks: list[Callback] = [checkpoint]
     if stop_after:
         callbacks.append(StopAfter(stop_after))

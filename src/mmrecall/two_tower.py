@@ -23,7 +23,7 @@ from .backbone import (
     load_backbone_config,
     load_pretrained_encoder,
 )
-from .image_input import FEAT_DIM, RankerOutput, on_real_boxes
+from .image_input import FEAT_DIM, RankerOutput, feature_norm, on_real_boxes
 
 
 @dataclass
@@ -33,6 +33,7 @@ class TwoTowerConfig:
     heads: int | None = None
     ff: int | None = None
     init_text_from_backbone: bool = False  # the original trained both towers from scratch
+    feature_norm: bool = False  # LayerNorm on the 2048-d ROI features (see image_input.feature_norm)
     backbone: str = SHIPPED  # tokenizer / architecture; its weights only if init_text_from_backbone
 
 
@@ -51,6 +52,7 @@ class TwoTower(nn.Module):
         image_tower = build_encoder(copy.deepcopy(text_tower.config))
         self.image_config = image_tower.config
         hidden = self.image_config.hidden_size
+        self.feature_norm = feature_norm(cfg.feature_norm)
         self.roi_proj = nn.Linear(FEAT_DIM, hidden)
         self.roi_norm = nn.LayerNorm(hidden, eps=self.image_config.layer_norm_eps)
         self.image_encoder = image_tower.encoder
@@ -77,7 +79,7 @@ class TwoTower(nn.Module):
         return out.pooler_output  # (B, H)
 
     def encode_image(self, batch: dict[str, Tensor]) -> Tensor:
-        x = on_real_boxes(lambda roi: self.roi_norm(self.roi_proj(roi)), batch["img_feat"], batch["img_mask"])  # (B, N, H)
+        x = on_real_boxes(lambda roi: self.roi_norm(self.roi_proj(self.feature_norm(roi))), batch["img_feat"], batch["img_mask"])  # (B, N, H)
         mask = encoder_attention_mask(self.image_config, x, batch["img_mask"].long())
         x = self.image_encoder(x, attention_mask=mask).last_hidden_state  # (B, N, H)
         return self.image_pooler(x)  # (B, H), from the first ROI

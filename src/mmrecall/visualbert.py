@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from .backbone import SHIPPED, load_pretrained_encoder
-from .image_input import BOX_DIM, FEAT_DIM, RankerOutput, on_real_boxes
+from .image_input import BOX_DIM, FEAT_DIM, RankerOutput, feature_norm, on_real_boxes
 
 
 @dataclass
@@ -26,6 +26,7 @@ class VisualBERTConfig:
     backbone: str = SHIPPED  # bert-large-uncased in the original
     backbone_layers: int | None = None  # None = every layer of the backbone
     pretrained: bool = True
+    feature_norm: bool = False  # LayerNorm on the 2048-d box features (see image_input.feature_norm)
 
 
 def _ensure_two_token_types(bert: PreTrainedModel) -> None:
@@ -50,6 +51,7 @@ class VisualBERT(nn.Module):
         hidden = bert.config.hidden_size
         # RoBERTa numbers positions from padding_idx + 1; BERT from 0.
         self.position_offset = getattr(bert.embeddings, "padding_idx", -1) + 1
+        self.feature_norm = feature_norm(cfg.feature_norm)
         self.img_proj = nn.Linear(FEAT_DIM + BOX_DIM, hidden)
         self.head = nn.Sequential(nn.Linear(hidden, hidden // 2), nn.ReLU(), nn.Linear(hidden // 2, 1))
 
@@ -64,7 +66,7 @@ class VisualBERT(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> RankerOutput:
         text_mask, img_mask = batch["attention_mask"].bool(), batch["img_mask"].bool()
         text = self.bert.embeddings.word_embeddings(batch["input_ids"])  # (B, T, H)
-        img = on_real_boxes(self.img_proj, torch.cat([batch["img_feat"], batch["img_box"]], dim=-1), img_mask)  # (B, N, H)
+        img = on_real_boxes(self.img_proj, torch.cat([self.feature_norm(batch["img_feat"]), batch["img_box"]], dim=-1), img_mask)  # (B, N, H)
         mask = torch.cat([text_mask, img_mask], dim=1)  # (B, T + N)
         token_type = torch.cat([torch.zeros_like(text_mask), torch.ones_like(img_mask)], dim=1).long()
         position = mask.long().cumsum(1) - 1 + self.position_offset
