@@ -11,6 +11,9 @@ import pandas as pd
 from mmrecall import prepare
 from mmrecall.config import PrepareParams
 from mmrecall.store import FeatureStore
+from mmrecall.tsv import HEADER
+
+from .test_tsv import DEFECTS, row
 
 
 def test_store_round_trip(micro_data, tmp_path):
@@ -52,3 +55,39 @@ def test_cli_uses_params_paths(micro_copy, tmp_path, monkeypatch):
     assert prepare.main(["--split", "testA", "--no-progress"]) == 0
     store = FeatureStore.open(micro_copy.parent / "features" / "testA")
     assert len(store) > 0 and store.answers is not None
+
+
+def test_spans_and_workers_do_not_change_the_store(tmp_path):
+    """Many tiny spans, one row longer than a span, defects, blank and CRLF lines, no final newline."""
+    rng = np.random.default_rng(3)
+    defects = list(DEFECTS.values())
+    lines, bad_lines, good_lines = [HEADER], [], []
+    for i in range(1, 70):
+        if i % 5 == 0:
+            lines.append(defects[i // 5 % len(defects)]())
+            bad_lines.append(len(lines))
+            continue
+        if i % 13 == 0:
+            lines.append("" if i % 2 else " \t ")  # blank lines are not rows
+            continue
+        n = 12 if i == 33 else 1 + i % 3  # 12 boxes: ~130 KB, several chunks long
+        lines.append(row(i, n=n, rng=rng) + ("\r" if i % 7 == 0 else ""))
+        good_lines.append(len(lines))
+    path = tmp_path / "t.tsv"
+    path.write_text("\n".join(lines))
+
+    def run(name, **kw):
+        prepare.prepare_split(path, tmp_path / name, PrepareParams(box_cap=5, **kw), progress=False)
+        return FeatureStore.open(tmp_path / name), (tmp_path / name / "rejects.tsv").read_text()
+
+    ref, ref_rejects = run("whole", workers=1)  # the whole file in one span
+    assert ref.rows.line.tolist() == good_lines
+    assert pd.read_csv(tmp_path / "whole" / "rejects.tsv", sep="\t").line.tolist() == bad_lines
+    assert ref.rows.n_kept.max() == 5
+    for workers in (1, 2):
+        got, rejects = run(f"w{workers}", workers=workers, chunk_bytes=20_000)
+        pd.testing.assert_frame_equal(got.rows, ref.rows)
+        np.testing.assert_array_equal(got.features, ref.features)
+        np.testing.assert_array_equal(got.boxes, ref.boxes)
+        np.testing.assert_array_equal(got.labels, ref.labels)
+        assert rejects == ref_rejects

@@ -1,8 +1,10 @@
 """`prepare` stage: one split's official TSV -> a memory-mapped feature store (see store.py).
 
-The file is streamed in chunks of whole lines. With `workers` > 1 a process pool decodes and
-validates chunks while the main process writes the previous ones in order; at most `workers + 1`
-chunks are in flight, so peak memory depends on the chunk size, never on the file size.
+The file is cut into spans of whole lines of about `chunk_bytes` each. With `workers` > 1 a
+process pool reads, decodes and validates spans while the main process writes the previous ones in
+order. The main process only finds the span boundaries, so no TSV bytes go through the pool's
+pipes; at most `workers + 1` spans are in flight, so peak memory depends on the chunk size, never
+on the file size.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from tqdm import tqdm
 from . import store
 from .config import PrepareParams, load_params
 from .text import clean_query
-from .tsv import FEATURE_DIM, Chunk, iter_chunks, parse_chunk
+from .tsv import FEATURE_DIM, Chunk, check_header, line_spans, parse_span
 
 ROW_SCHEMA = pa.schema(
     [
@@ -42,10 +44,6 @@ ROW_SCHEMA = pa.schema(
 )
 
 
-def _parse(args: tuple[bytes, int, int, int]) -> Chunk:
-    return parse_chunk(*args)
-
-
 def _answers_file(data_root: Path, split: str) -> Path:
     return data_root / split / f"{split}_answer.json"
 
@@ -61,8 +59,7 @@ def prepare_split(
     """Write the feature store of one TSV into out_dir (replaced whole); return its summary."""
     tsv, out_dir = Path(tsv), Path(out_dir)
     total_bytes = tsv.stat().st_size if tsv.exists() else 0
-    chunks = iter_chunks(tsv, params.chunk_bytes)  # checks the header before anything is written
-    first = next(chunks, None)
+    data_start = check_header(tsv)  # before anything is written
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
@@ -71,6 +68,7 @@ def prepare_split(
     started = time.perf_counter()
     reasons: Counter[str] = Counter()
     rows_read = rows_kept = filtered = offset = 0
+    first_line = 2  # file line of the next chunk's first line (line 1 is the header)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"prepare {tsv.name}", disable=not progress)
     with (
         open(out_dir / store.FEATURES, "wb") as f_feat,
@@ -81,14 +79,15 @@ def prepare_split(
     ):
         f_rej.write("line\treason\tdetail\n")
 
-        def write(chunk: Chunk, nbytes: int) -> None:
-            nonlocal rows_read, rows_kept, filtered, offset
+        def write(chunk: Chunk) -> None:
+            """Append a chunk parsed with line numbers counted from 0 at its start."""
+            nonlocal rows_read, rows_kept, filtered, offset, first_line
             n = len(chunk)
             counts = np.asarray(chunk.n_kept, dtype=np.int64)
             offsets = offset + np.concatenate([[0], np.cumsum(counts)[:-1]]) if n else np.zeros(0, np.int64)
-            f_feat.write(memoryview(np.ascontiguousarray(chunk.features)).cast("B"))
-            f_box.write(memoryview(np.ascontiguousarray(chunk.boxes)).cast("B"))
-            f_lab.write(memoryview(np.ascontiguousarray(chunk.labels)).cast("B"))
+            f_feat.write(np.ascontiguousarray(chunk.features))
+            f_box.write(np.ascontiguousarray(chunk.boxes))
+            f_lab.write(np.ascontiguousarray(chunk.labels))
             table = pa.table(
                 {
                     "product_id": chunk.product_id,
@@ -100,40 +99,35 @@ def prepare_split(
                     "offset": offsets,
                     "image_h": chunk.image_h,
                     "image_w": chunk.image_w,
-                    "line": chunk.line,
+                    "line": first_line + np.asarray(chunk.line, dtype=np.int64),
                 },
                 schema=ROW_SCHEMA,
             )
             rows_writer.write_table(table)
             for line, reason, detail in chunk.rejects:
-                f_rej.write(f"{line}\t{reason}\t{detail}\n")
+                f_rej.write(f"{first_line + line}\t{reason}\t{detail}\n")
                 reasons[reason] += 1
             rows_read += chunk.rows_read
             rows_kept += n
             filtered += chunk.filtered
             offset += int(counts.sum())
-            bar.update(nbytes)
+            first_line += chunk.lines
+            bar.update(chunk.nbytes)
             bar.set_postfix(rows=rows_kept, rejected=sum(reasons.values()), refresh=False)
 
-        def jobs():
-            if first is not None:
-                yield first
-                yield from chunks
-
+        spans = line_spans(tsv, data_start, params.chunk_bytes)
         if params.workers <= 1:
-            for data, line in jobs():
-                write(parse_chunk(data, line, params.box_cap, max_boxes), len(data))
+            for start, end in spans:
+                write(parse_span(tsv, start, end, params.box_cap, max_boxes))
         else:
             with ProcessPoolExecutor(params.workers) as pool:
                 pending: deque = deque()
-                for data, line in jobs():
-                    pending.append((pool.submit(_parse, (data, line, params.box_cap, max_boxes)), len(data)))
+                for start, end in spans:
+                    pending.append(pool.submit(parse_span, tsv, start, end, params.box_cap, max_boxes))
                     if len(pending) > params.workers:
-                        future, nbytes = pending.popleft()
-                        write(future.result(), nbytes)
+                        write(pending.popleft().result())
                 while pending:
-                    future, nbytes = pending.popleft()
-                    write(future.result(), nbytes)
+                    write(pending.popleft().result())
     bar.close()
 
     if answers is not None and answers.exists():

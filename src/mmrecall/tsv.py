@@ -124,9 +124,20 @@ class Chunk:
     rejects: list[tuple[int, str, str]] = field(default_factory=list)  # (line, reason, detail)
     filtered: int = 0  # good rows dropped by the max-boxes filter
     rows_read: int = 0
+    lines: int = 0  # lines covered, blank ones included: the next chunk starts this many lines later
+    nbytes: int = 0  # bytes of the file covered
 
     def __len__(self) -> int:
         return len(self.product_id)
+
+
+TAB = b"\t"
+INT_FIELDS = ("product_id", "image_h", "image_w", "num_boxes", "query_id")
+BASE64_FIELDS = ("boxes", "features", "class_labels")
+# A box costs at least this many base64 characters of features, which bounds the boxes in a chunk.
+B64_CHARS_PER_BOX = FEATURE_DIM * 4 * 4 // 3
+_WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")  # what bytes.strip() removes
+_a2b = functools.partial(binascii.a2b_base64, strict_mode=True)  # lenient mode would skip bad characters
 
 
 def parse_chunk(data: bytes, first_line: int, box_cap: int = 30, max_boxes: int = 0) -> Chunk:
@@ -134,51 +145,51 @@ def parse_chunk(data: bytes, first_line: int, box_cap: int = 30, max_boxes: int 
 
     Keeps the first `box_cap` boxes of each row in file order; with `max_boxes` > 0, rows with more
     boxes are counted as filtered (the solo team's train filter), not rejected.
+
+    Rows are several KB of base64 each, so nothing copies them: fields are located with find(),
+    decoded from memoryview slices, and features are cast straight into one float16 block.
     """
-    out = Chunk()
-    feats: list[np.ndarray] = []
+    out = Chunk(nbytes=len(data))
+    feats = np.empty((len(data) // B64_CHARS_PER_BOX + 1, FEATURE_DIM), np.float16)  # filled row by row
+    n_feats = 0
     boxes: list[np.ndarray] = []
     labels: list[np.ndarray] = []
-    sizes: list[int] = []
-    a2b = functools.partial(binascii.a2b_base64, strict_mode=True)  # lenient mode skips bad characters
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    for i, raw in enumerate(lines):
-        lineno = first_line + i
-        if raw.endswith(b"\r"):
-            raw = raw[:-1]
-        if not raw.strip():
-            continue  # blank lines are not rows
-        out.rows_read += 1
-        parts = raw.split(b"\t")
-        if len(parts) != 9:
-            out.rejects.append((lineno, "column_count", f"{len(parts)} fields"))
+    view, find = memoryview(data), data.find
+    pos, lineno = 0, first_line - 1
+    while pos < len(data):
+        start, end = pos, find(b"\n", pos)
+        if end < 0:
+            end = len(data)
+        pos, lineno = end + 1, lineno + 1
+        if end > start and data[end - 1] == ord("\r"):
+            end -= 1
+        # Blank lines are not rows. Only a line that starts with whitespace can be blank, so rows
+        # are not copied to find out.
+        if end == start or (data[start] in _WHITESPACE and not data[start:end].strip()):
             continue
-        pid_b, h_b, w_b, n_b, box_b, feat_b, lab_b, query_b, qid_b = parts
+        out.rows_read += 1
+        tabs = [start - 1]
+        while len(tabs) < 9 and (tab := find(TAB, tabs[-1] + 1, end)) >= 0:
+            tabs.append(tab)
+        if len(tabs) < 9 or find(TAB, tabs[-1] + 1, end) >= 0:
+            out.rejects.append((lineno, "column_count", f"{data.count(TAB, start, end) + 1} fields"))
+            continue
+        fields = [(a + 1, b) for a, b in zip(tabs, tabs[1:] + [end])]  # [start, end) of the 9 fields
+
+        ints = [data[a:b] for a, b in (fields[i] for i in (0, 1, 2, 3, 8))]
         try:
-            pid, h, w, n, qid = int(pid_b), int(h_b), int(w_b), int(n_b), int(qid_b)
+            pid, h, w, n, qid = map(int, ints)
         except ValueError:
-            bad = next(name for name, t in zip(("product_id", "image_h", "image_w", "num_boxes", "query_id"),
-                                              (pid_b, h_b, w_b, n_b, qid_b)) if not t.strip().lstrip(b"-").isdigit())
-            out.rejects.append((lineno, "bad_int", bad))
+            out.rejects.append((lineno, "bad_int", _bad_int_field(ints)))
             continue
         if n < 1 or h < 1 or w < 1:
             out.rejects.append((lineno, "bad_int", "num_boxes, image_h and image_w must be >= 1"))
             continue
+        encoded = [view[a:b] for a, b in fields[4:7]]
         try:
-            box_raw = a2b(box_b)
-            feat_raw = a2b(feat_b)
-            lab_raw = a2b(lab_b)
+            box_raw, feat_raw, lab_raw = map(_a2b, encoded)
         except (binascii.Error, ValueError) as e:
-            which = "boxes"
-            for name, t in (("boxes", box_b), ("features", feat_b), ("class_labels", lab_b)):
-                try:
-                    a2b(t)
-                except (binascii.Error, ValueError):
-                    which = name
-                    break
-            out.rejects.append((lineno, "bad_base64", f"{which}: {e}"))
+            out.rejects.append((lineno, "bad_base64", f"{_bad_base64_field(encoded)}: {e}"))
             continue
         if len(box_raw) != n * 16 or len(feat_raw) != n * FEATURE_DIM * 4 or len(lab_raw) != n * 8:
             got = {"boxes": len(box_raw) / 16, "features": len(feat_raw) / (FEATURE_DIM * 4), "class_labels": len(lab_raw) / 8}
@@ -193,7 +204,8 @@ def parse_chunk(data: bytes, first_line: int, box_cap: int = 30, max_boxes: int 
         if not np.isfinite(feat).all():
             out.rejects.append((lineno, "non_finite", f"{int((~np.isfinite(feat)).sum())} values"))
             continue
-        query = query_b.decode("utf-8", "replace")
+        a, b = fields[7]
+        query = data[a:b].decode("utf-8", "replace")
         if not query.strip():
             out.rejects.append((lineno, "empty_query", ""))
             continue
@@ -201,10 +213,10 @@ def parse_chunk(data: bytes, first_line: int, box_cap: int = 30, max_boxes: int 
             out.filtered += 1
             continue
         k = min(n, box_cap)
-        feats.append(feat[: k * FEATURE_DIM])
+        feats[n_feats : n_feats + k] = feat[: k * FEATURE_DIM].reshape(k, FEATURE_DIM)
+        n_feats += k
         boxes.append(np.frombuffer(box_raw, dtype="<f4")[: k * 4])
         labels.append(lab[:k])
-        sizes.append(k)
         out.product_id.append(pid)
         out.image_h.append(h)
         out.image_w.append(w)
@@ -213,41 +225,67 @@ def parse_chunk(data: bytes, first_line: int, box_cap: int = 30, max_boxes: int 
         out.query.append(query)
         out.query_id.append(qid)
         out.line.append(lineno)
-    if feats:
-        out.features = np.concatenate(feats).astype(np.float16).reshape(-1, FEATURE_DIM)
-        box_px = np.concatenate(boxes).reshape(-1, 4)
-        counts = np.asarray(sizes)
+    out.lines = lineno - first_line + 1
+    out.features = feats[:n_feats]
+    if boxes:
+        counts = np.asarray(out.n_kept)
         out.boxes = box_features(
-            box_px,
+            np.concatenate(boxes).reshape(-1, 4),
             np.repeat(np.asarray(out.image_h, dtype=np.float32), counts),
             np.repeat(np.asarray(out.image_w, dtype=np.float32), counts),
         )
         out.labels = np.concatenate(labels).astype(np.uint8)
     else:
-        out.features = np.zeros((0, FEATURE_DIM), np.float16)
         out.boxes = np.zeros((0, BOX_DIM), np.float32)
         out.labels = np.zeros((0,), np.uint8)
     return out
 
 
-def iter_chunks(path: Path, chunk_bytes: int):
-    """Yield (bytes of whole lines, 1-based line number of its first line) after the header."""
-    header_len = check_header(path)
-    line = 2
+def _bad_int_field(values: list[bytes]) -> str:
+    """Name the integer field to blame: the first that does not look like an integer."""
+    for name, value in zip(INT_FIELDS, values):
+        if not value.strip().lstrip(b"-").isdigit():
+            return name
+    for name, value in zip(INT_FIELDS, values):  # looks like one but is not, e.g. b"--5"
+        try:
+            int(value)
+        except ValueError:
+            return name
+    return INT_FIELDS[0]
+
+
+def _bad_base64_field(encoded: list[memoryview]) -> str:
+    for name, value in zip(BASE64_FIELDS, encoded):
+        try:
+            _a2b(value)
+        except (binascii.Error, ValueError):
+            return name
+    return BASE64_FIELDS[0]
+
+
+def line_spans(path: Path, start: int, chunk_bytes: int):
+    """Yield (start, end) byte ranges of whole lines from `start` on, each about chunk_bytes long.
+
+    A span ends at the first newline at or after start + chunk_bytes - 1, so a line longer than
+    chunk_bytes makes one longer span rather than being cut.
+    """
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        f.seek(header_len)
-        rest = b""
-        while True:
-            block = f.read(chunk_bytes)
-            if not block:
-                break
-            block = rest + block
-            cut = block.rfind(b"\n")
-            if cut < 0:
-                rest = block  # a single line longer than chunk_bytes: keep reading
-                continue
-            data, rest = block[: cut + 1], block[cut + 1 :]
-            yield data, line
-            line += data.count(b"\n")
-        if rest:
-            yield rest, line
+        while start < size:
+            f.seek(start + max(chunk_bytes, 1) - 1)
+            f.readline()
+            end = min(f.tell(), size)
+            yield start, end
+            start = end
+
+
+def parse_span(path: Path, start: int, end: int, box_cap: int = 30, max_boxes: int = 0) -> Chunk:
+    """Read and parse bytes [start, end) of the file (a worker task): line numbers count from 0.
+
+    Only the caller knows how many lines come before the span; it adds that to the chunk's line
+    numbers (`Chunk.lines` says how far to advance for the next span).
+    """
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    return parse_chunk(data, 0, box_cap, max_boxes)
