@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import torch
 
+from .sampler import group_queries
 from .store import FeatureStore
 from .tsv import BOX_DIM, FEATURE_DIM
 
@@ -60,18 +60,12 @@ def image_batch(store: FeatureStore, rows: np.ndarray, max_boxes: int | None = N
     }
 
 
-def query_index(texts: "list[str] | np.ndarray") -> tuple[list[str], np.ndarray]:
-    """Distinct texts (first-seen order) and each row's index into them."""
-    codes, uniques = pd.factorize(np.asarray(texts, dtype=object))
-    return list(uniques), codes.astype(np.int64)
-
-
 class EvalBatches:
     """Every row of an evaluation store, in store order, as model batches."""
 
     def __init__(self, store: FeatureStore, tokenizer, max_len: int, batch_size: int, max_boxes: int | None = None):
         self.store, self.batch_size, self.max_boxes = store, batch_size, max_boxes
-        texts, self.query_of_row = query_index(store.rows.query_clean.to_numpy())
+        texts, self.query_of_row = group_queries(store.rows.query_clean.tolist())
         self.tokens = QueryTokens.build(texts, tokenizer, max_len)
 
     def __len__(self) -> int:

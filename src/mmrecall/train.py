@@ -343,22 +343,20 @@ def fit(
 
 def parent_run(model: str, run_params: dict, experiment: str) -> str:
     """The parent run `<model>` of members trained with the same params (but the seed) and data."""
-    group = tracking.params_hash({k: v for k, v in run_params.items() if k != "seed"} | {"data": tracking.data_hash()})
-    tracking.setup(experiment)
+    shared = {k: v for k, v in run_params.items() if k != "seed"}
+    group = tracking.params_hash(shared | {"data": tracking.data_hash()})
+    exp_id = tracking.setup(experiment)
     found = mlflow.search_runs(
-        experiment_names=[experiment] if not tracking.os.environ.get("MLFLOW_EXPERIMENT_ID") else None,
-        experiment_ids=[tracking.os.environ["MLFLOW_EXPERIMENT_ID"]] if tracking.os.environ.get("MLFLOW_EXPERIMENT_ID") else None,
+        experiment_ids=[exp_id],
         filter_string=f"tags.kind = 'parent' and tags.group = '{group}'",
         output_format="list",
     )
     if found:
         return found[0].info.run_id
     client = mlflow.MlflowClient()
-    exp_id = tracking.setup(experiment)
-    run = client.create_run(exp_id, run_name=model, tags={**tracking.standard_tags("train"), "kind": "parent",
-                                                           "group": group, "model": model})
-    for key, value in {k: v for k, v in run_params.items() if k != "seed"}.items():
-        client.log_param(run.info.run_id, key, str(value))
+    tags = {**tracking.standard_tags("train"), "kind": "parent", "group": group, "model": model}
+    run = client.create_run(exp_id, run_name=model, tags=tags)
+    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in shared.items()])
     client.set_terminated(run.info.run_id)
     return run.info.run_id
 
