@@ -76,3 +76,11 @@ def test_submission_round_trip_and_cli(tmp_path, real, capsys):
 def test_write_submission_refuses_missing_queries(tmp_path):
     with pytest.raises(metrics.SubmissionError, match="missing"):
         metrics.write_submission({1: [1, 2, 3, 4, 5]}, tmp_path / "s.csv", queries={1, 2})
+
+
+def test_cli_scores_a_parquet_score_table(tmp_path, real, capsys):
+    valid, _, _ = real
+    path = tmp_path / "scores.parquet"
+    valid.to_parquet(path, index=False)
+    assert evaluate.main(["--submission", str(path), "--answers", str(FIXTURES / "valid_answer.json")]) == 0
+    assert "ndcg_at_5\t0.70981" in capsys.readouterr().out

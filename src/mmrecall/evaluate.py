@@ -102,10 +102,10 @@ def run_stage(params: Params) -> dict:
 
 def score_file(path: Path, answers_path: Path, count_files: list[Path], pp: PostprocessParams) -> dict[str, float]:
     answers = load_answers(answers_path)
-    with open(path) as f:
-        first = f.readline()
-    if path.suffix != ".parquet" and first.startswith("query-id"):
-        return {METRIC: ndcg_at_5(read_submission(path), answers)}
+    if path.suffix != ".parquet":
+        with open(path) as f:
+            if f.readline().startswith("query-id"):
+                return {METRIC: ndcg_at_5(read_submission(path), answers)}
     scores = read_score_table(path)
     out = {METRIC: evaluate_scores(scores, answers)}
     if count_files:
