@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from .conftest import MICRO, ROOT
+from .test_train import TINY
 
 
 def sh(*cmd: str, cwd: Path, env: dict) -> str:
@@ -33,6 +34,7 @@ def repo(tmp_path, micro_data) -> tuple[Path, dict]:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["synth"].update(MICRO)
     params["prepare"]["workers"] = 1
+    params["train"] = {**TINY, "seeds": [1, 2], "steps": 4}  # one model x 2 seeds
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copytree(micro_data, repo / "data")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_RUN", "MLFLOW_TRACKING", "MLFLOW_EXPERIMENT", "DVC_"))}
@@ -59,9 +61,21 @@ def test_dvc_repro_end_to_end(repo):
 
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")  # the absolute default URI of tracking.py
     runs = mlflow.search_runs(experiment_names=["mmrecall"])
-    assert len(runs) == 1
-    run = runs.iloc[0]
-    assert run["tags.mlflow.runName"] == "wordproto"
+    assert sorted(runs["tags.mlflow.runName"]) == ["mcan", "mcan-seed1", "mcan-seed2", "wordproto"]
+    by_name = runs.set_index("tags.mlflow.runName")
+    parent = by_name.loc["mcan"]
+    members = [by_name.loc[f"mcan-seed{s}"] for s in (1, 2)]
+    for seed, member in zip((1, 2), members):
+        assert member["tags.mlflow.parentRunId"] == parent["run_id"]
+        assert member["tags.dvc_stage"] == f"train@mcan-{seed}" and member["params.seed"] == str(seed)
+        assert member["metrics.best_ndcg_at_5"] == summary[f"mcan-seed{seed}"]["valid"]["ndcg_at_5"]
+        assert (repo / "models" / "mcan" / f"seed{seed}" / "model.pt").exists()
+        assert (repo / "outputs" / f"mcan-seed{seed}" / "testA_fused.npy").exists()
+    values = [m["metrics.best_ndcg_at_5"] for m in members]
+    assert parent["metrics.ndcg_at_5_mean"] == pytest.approx(sum(values) / 2)
+    assert parent["metrics.members"] == 2
+    run = by_name.loc["wordproto"]
+    assert run.name == "wordproto" and run["tags.dvc_stage"] == "baseline"
     assert run["metrics.ndcg_at_5"] == summary["wordproto"]["valid"]["ndcg_at_5"]
     assert run["tags.dvc_stage"] == "baseline"
     data_md5 = yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
@@ -70,4 +84,4 @@ def test_dvc_repro_end_to_end(repo):
 
     again = sh("dvc", "repro", cwd=repo, env=env)  # nothing changed: nothing runs, nothing is logged
     assert "Running stage" not in again and "up to date" in again
-    assert len(mlflow.search_runs(experiment_names=["mmrecall"])) == 1
+    assert len(mlflow.search_runs(experiment_names=["mmrecall"])) == 4

@@ -148,3 +148,19 @@ def test_uniform_over_pool_and_rows():
     t = HardNegativeSampler(positives, pools, k=6000).sample(1)
     counts = np.bincount(t.negative[t.query == 0], minlength=7)[1:]
     assert counts.sum() == 6000 and np.all(np.abs(counts - 1000) < 5 * math.sqrt(1000))
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.5, 1.0])
+def test_random_negatives_share_and_never_own_query(train, rate):
+    queries, row_query, _ = train
+    pools = build_pools(queries, np.bincount(row_query), np.random.default_rng(0))
+    sampler = HardNegativeSampler.from_row_queries(row_query, pools, k=4)
+    t = sampler.sample(7, random_rate=rate)
+    assert np.array_equal(row_query[t.positive], t.query)  # positives untouched
+    assert not (row_query[t.negative] == t.query).any()  # never a row of the anchor's own query
+    outside = np.mean([row_query[n] not in pools[q] for q, n in zip(t.query.tolist(), t.negative.tolist())])
+    pool_share = pools.shape[1] / len(queries)  # a random query may also happen to be in the pool
+    assert outside == pytest.approx(rate * (1 - pool_share), abs=0.05)
+    assert np.array_equal(sampler.sample(7, random_rate=rate).negative, t.negative)  # deterministic
+    with pytest.raises(ValueError, match="random_rate"):
+        sampler.sample(7, random_rate=1.5)

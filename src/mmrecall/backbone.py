@@ -8,7 +8,7 @@ Hugging Face model id or a local directory (`roberta-large`, `bert-large-uncased
 from __future__ import annotations
 
 from torch import Tensor
-from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, PretrainedConfig, PreTrainedModel, RobertaConfig
 
 try:
     from transformers.masking_utils import create_bidirectional_mask
@@ -18,6 +18,19 @@ except ImportError:  # transformers < 4.56
     create_bidirectional_mask = None
 
 SHIPPED = "minilm"
+
+# Architectures of the faithful backbones, so that they can be built with random weights (tests,
+# dry runs) on a machine with no hub access. Loading their weights still needs the hub or a local copy.
+OFFLINE_CONFIGS = {
+    "roberta-large": lambda: RobertaConfig(
+        vocab_size=50265, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+        max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0,
+        eos_token_id=2,
+    ),
+    "bert-large-uncased": lambda: BertConfig(
+        vocab_size=30522, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+    ),
+}
 
 
 def backbone_path(name: str = SHIPPED) -> str:
@@ -39,7 +52,12 @@ def load_tokenizer(name: str = SHIPPED):
 
 
 def load_backbone_config(name: str = SHIPPED, num_layers: int | None = None) -> PretrainedConfig:
-    config = AutoConfig.from_pretrained(backbone_path(name), **_load_kwargs(name))
+    try:
+        config = AutoConfig.from_pretrained(backbone_path(name), **_load_kwargs(name))
+    except OSError:
+        if name not in OFFLINE_CONFIGS:
+            raise
+        config = OFFLINE_CONFIGS[name]()  # no hub: the known architecture (random weights only)
     if num_layers is not None:
         config.num_hidden_layers = num_layers
     return config

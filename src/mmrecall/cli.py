@@ -15,6 +15,7 @@ STAGES = {
     "train": ("train", "train one ranker member (model x seed), logged to MLflow"),
     "evaluate": ("evaluate", "NDCG@5 of a submission / score table, or of every model (the stage)"),
     "report": ("report", "print the metrics table of the last `dvc repro`"),
+    "apply-config": ("config", "merge a configuration overlay such as configs/faithful.yaml into params.yaml"),
 }
 
 

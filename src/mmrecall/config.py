@@ -7,8 +7,9 @@ Every stage calls `load_params()` once and reads its own section. Unknown keys a
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -83,7 +84,9 @@ class TrainParams:
     eval_every: int = 200  # valid NDCG@5 (and a checkpoint) every N steps
     batch_size: int = 64  # triples (query, positive, negative); pairs for the two-tower
     negatives: int = 10  # hard negatives per positive in the TF-IDF pool sampler (1st place: 10)
+    random_negatives: float = 0.0  # share of those negatives drawn from any other query (1st place: 0)
     lr: float = 3.0e-4
+    backbone_lr: float | None = None  # lr of the pretrained backbone weights (None = lr)
     weight_decay: float = 0.01
     focal_alpha: float = 1.0
     focal_gamma: float = 2.0
@@ -99,6 +102,17 @@ class TrainParams:
     mcan: dict = field(default_factory=dict)  # MCANConfig fields
     visualbert: dict = field(default_factory=dict)  # VisualBERTConfig fields
     two_tower: dict = field(default_factory=dict)  # TwoTowerConfig fields
+    overrides: dict = field(default_factory=dict)  # per model: {model: {lr: .., steps: .., ...}}
+
+    def for_model(self, name: str) -> "TrainParams":
+        """These params with `overrides[name]` applied (e.g. a lower lr for a pretrained encoder)."""
+        extra = dict(self.overrides.get(name) or {})
+        allowed = {f.name for f in fields(self)} - {"models", "seeds", "overrides", "mcan", "visualbert", "two_tower"}
+        if unknown := sorted(set(extra) - allowed):
+            raise ValueError(f"params.yaml train.overrides.{name}: unknown key(s) {unknown}")
+        if "schedule" in extra:
+            extra["schedule"] = replace(self.schedule, **extra["schedule"])
+        return replace(self, **extra, overrides={})
 
 
 @dataclass
@@ -111,6 +125,7 @@ class PostprocessParams:
 @dataclass
 class EvaluateParams:
     models: list[str] = field(default_factory=lambda: ["wordproto"])
+    train_members: bool = True  # also every train member <model>-seed<k> of train.models x train.seeds
     postprocess: PostprocessParams = field(default_factory=PostprocessParams)
 
 
@@ -192,3 +207,63 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+# --- overlays (configs/*.yaml) ------------------------------------------------------------------
+
+
+def _merge(base, overlay) -> None:
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def apply_overlay(overlay: str | os.PathLike, params: str | os.PathLike = PARAMS_FILE) -> Params:
+    """Deep-merge the YAML file `overlay` into `params` (keeping its comments); returns the result.
+
+    The merged file is validated before it is written, so a bad overlay leaves params.yaml as it was.
+    """
+    from ruamel.yaml import YAML  # round-trip YAML (a DVC dependency): comments and order survive
+
+    rt = YAML()
+    with open(params) as f:
+        base = rt.load(f) or {}
+    with open(overlay) as f:
+        extra = yaml.safe_load(f) or {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"{overlay}: expected a mapping of params.yaml sections")
+    _merge(base, extra)
+    rt.representer.add_representer(float, _represent_float)
+    out = io.StringIO()
+    rt.dump(base, out)
+    checked = _build(Params, yaml.safe_load(out.getvalue()), str(overlay))  # as PyYAML and DVC will read it
+    Path(params).write_text(out.getvalue())
+    return checked
+
+
+def _represent_float(representer, value: float):
+    """1e-05 -> 1.0e-05: YAML 1.1 readers (PyYAML) take a float without a dot for a string."""
+    text = repr(value)
+    mantissa, _, exponent = text.partition("e")
+    if exponent and "." not in mantissa:
+        text = f"{mantissa}.0e{exponent}"
+    return representer.represent_scalar("tag:yaml.org,2002:float", text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="mmrecall apply-config",
+        description="Deep-merge a configuration overlay (e.g. configs/faithful.yaml, the original sizes) into "
+        "params.yaml, keeping its comments. `git diff params.yaml` shows the change; `git checkout params.yaml` "
+        "undoes it.",
+    )
+    parser.add_argument("overlay", help="YAML file with params.yaml sections to override")
+    parser.add_argument("--params", default=PARAMS_FILE)
+    args = parser.parse_args(argv)
+    apply_overlay(args.overlay, args.params)
+    print(f"{args.params}: merged {args.overlay}")
+    return 0

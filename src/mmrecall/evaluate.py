@@ -20,6 +20,7 @@ from . import postprocess
 from .config import Params, PostprocessParams, load_params
 from .metrics import METRIC, evaluate_scores, ndcg_at_5, read_score_table, read_submission
 from .store import FeatureStore, load_answers
+from .tracking import run_name as tracking_name
 
 REPORT = Path("reports") / "metrics.md"
 
@@ -83,7 +84,10 @@ def run_stage(params: Params) -> dict:
     stores = eval_stores(params)
     outputs = Path(params.data.outputs)
     summary = {}
-    for model in params.evaluate.models:
+    names = list(params.evaluate.models)
+    if params.evaluate.train_members:
+        names += [tracking_name(m, s) for m in params.train.models for s in params.train.seeds]
+    for model in names:
         folder = outputs / model
         tables = {s: read_score_table(folder / f"{s}.parquet") for s in stores if (folder / f"{s}.parquet").exists()}
         if not tables:

@@ -184,6 +184,9 @@ class MCAN(nn.Module):
     def fused_dim(self) -> int:
         return 4 * self.cfg.flat_out
 
+    def pretrained_parameters(self) -> list[nn.Parameter]:
+        return list(self.embeddings.parameters())
+
     def forward(self, batch: dict[str, Tensor]) -> RankerOutput:
         lang_mask, img_mask = batch["attention_mask"].bool(), batch["img_mask"].bool()
         lang = self.lang_proj(self.embeddings(input_ids=batch["input_ids"]))  # (B, T, H)

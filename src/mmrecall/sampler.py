@@ -196,8 +196,15 @@ class HardNegativeSampler:
     def __len__(self) -> int:
         return self.k * int(self.sizes.sum())
 
-    def sample(self, seed: int | np.random.Generator) -> Triples:
-        """All k * n_positives triples, ordered by (query, positive, repetition); shuffle for training."""
+    def sample(self, seed: int | np.random.Generator, random_rate: float = 0.0) -> Triples:
+        """All k * n_positives triples, ordered by (query, positive, repetition); shuffle for training.
+
+        With `random_rate` > 0 that share of the negatives comes from a uniformly drawn other query
+        instead of the pool: easy negatives that teach the category quickly while the pool
+        negatives teach the attributes (the 1st place used the pool only, over 3M rows).
+        """
+        if not 0.0 <= random_rate <= 1.0:
+            raise ValueError(f"random_rate must be in [0, 1], got {random_rate}")
         rng = np.random.default_rng(seed)
         size = self.pools.shape[1]
         parts: list[tuple[np.ndarray, ...]] = []
@@ -213,4 +220,18 @@ class HardNegativeSampler:
             return Triples(*(np.empty(0, np.int64) for _ in range(3)))
         key, query, pos, neg = (np.concatenate(c) for c in zip(*parts))
         order = np.argsort(key)
-        return Triples(query[order], pos[order], neg[order])
+        query, pos, neg = query[order], pos[order], neg[order]
+        if random_rate > 0:
+            swap = np.flatnonzero(rng.random(len(query)) < random_rate)
+            neg[swap] = self._random_rows(rng, query[swap])
+        return Triples(query, pos, neg)
+
+    def _random_rows(self, rng: np.random.Generator, queries: np.ndarray) -> np.ndarray:
+        """One row of a uniformly drawn query other than queries[i], for every i."""
+        nonempty = np.flatnonzero(self.sizes > 0)
+        if len(nonempty) < 2:
+            raise ValueError("random negatives need at least two queries with rows")
+        u = rng.integers(0, len(nonempty) - 1, size=len(queries))
+        u += u >= np.searchsorted(nonempty, queries)  # skip the query itself
+        other = nonempty[u]
+        return self.rows[self.offsets[other] + rng.integers(0, self.sizes[other])]

@@ -103,7 +103,7 @@ class TrainBatches(IterableDataset):
                 r = rows[i * B : (i + 1) * B]
                 yield {"pos": {**d.tokens.batch(d.row_query[r]), **image_batch(d.store, r, d.params.max_boxes)}}
             return
-        triples = d.sampler.sample(rng)
+        triples = d.sampler.sample(rng, d.params.random_negatives)
         pick = np.resize(rng.permutation(len(triples.query)), self.n_batches * B)
         for i in range(self.n_batches):
             t = pick[i * B : (i + 1) * B]
@@ -187,8 +187,13 @@ class Ranker(L.LightningModule):
 
     def configure_optimizers(self):
         p = self.params
+        pretrained = {id(w) for w in self.model.pretrained_parameters()}
         trainable = [w for w in self.model.parameters() if w.requires_grad]
-        opt = torch.optim.AdamW(trainable, lr=p.lr, weight_decay=p.weight_decay)
+        groups = [
+            {"params": [w for w in trainable if id(w) not in pretrained], "lr": p.lr},
+            {"params": [w for w in trainable if id(w) in pretrained], "lr": p.backbone_lr or p.lr},
+        ]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=p.weight_decay)
         s = p.schedule
         sched = sine_wave_scheduler(opt, p.steps, s.warmup_ratio, s.cycles, s.amplitude)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -235,14 +240,14 @@ def fit(
     resume: bool = True,
 ) -> dict:
     """Train one member and write its outputs; returns its metrics report."""
-    tp = params.train
+    tp = params.train.for_model(name)
     if tp.num_threads:
         torch.set_num_threads(tp.num_threads)
     L.seed_everything(seed, workers=True, verbose=False)
     cfg = model_config(name, tp)
     member = member_name(name, seed)
     run_params = {
-        **flatten({"train": {k: v for k, v in to_dict(tp).items() if k not in MODELS and k not in ("models", "seeds")}}),
+        **flatten({"train": {k: v for k, v in to_dict(tp).items() if k not in MODELS and k not in ("models", "seeds", "overrides")}}),
         **flatten({name: dataclasses.asdict(cfg)}),
         "model": name,
         "seed": seed,

@@ -74,6 +74,9 @@ class TwoTower(nn.Module):
     def fused_dim(self) -> int:
         return 3 * self.image_config.hidden_size
 
+    def pretrained_parameters(self) -> list[nn.Parameter]:
+        return list(self.text_tower.parameters()) if self.cfg.init_text_from_backbone else []
+
     def encode_text(self, batch: dict[str, Tensor]) -> Tensor:
         out = self.text_tower(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long())
         return out.pooler_output  # (B, H)

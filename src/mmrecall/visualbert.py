@@ -63,6 +63,9 @@ class VisualBERT(nn.Module):
     def fused_dim(self) -> int:
         return self.bert.config.hidden_size
 
+    def pretrained_parameters(self) -> list[nn.Parameter]:
+        return list(self.bert.parameters()) if self.cfg.pretrained else []
+
     def forward(self, batch: dict[str, Tensor]) -> RankerOutput:
         text_mask, img_mask = batch["attention_mask"].bool(), batch["img_mask"].bool()
         text = self.bert.embeddings.word_embeddings(batch["input_ids"])  # (B, T, H)
