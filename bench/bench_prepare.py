@@ -36,22 +36,12 @@ NAIVE_MEMORY_FACTOR = 3.5  # the naive way peaks at ~3.4x the file size
 # ---------------------------------------------------------------------------------------------
 # memory measurement (runs inside each child)
 # ---------------------------------------------------------------------------------------------
-def _rss_kib(pid: int) -> int:
+def _proc_kib(pid: int, file: str, key: str) -> int:
+    """A kB field of /proc/<pid>/<file> (0 once the process is gone)."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(f"/proc/{pid}/{file}") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _pss_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
+                if line.startswith(key):
                     return int(line.split()[1])
     except OSError:
         pass
@@ -87,8 +77,8 @@ class TreeRssSampler:
         me = os.getpid()
         while not self._stop.is_set():
             pids = [me, *_descendants(me)]
-            self.peak_kib = max(self.peak_kib, sum(_rss_kib(p) for p in pids))
-            self.peak_pss_kib = max(self.peak_pss_kib, sum(_pss_kib(p) for p in pids))
+            self.peak_kib = max(self.peak_kib, sum(_proc_kib(p, "status", "VmRSS:") for p in pids))
+            self.peak_pss_kib = max(self.peak_pss_kib, sum(_proc_kib(p, "smaps_rollup", "Pss:") for p in pids))
             self._stop.wait(self.period)
 
     def __enter__(self):

@@ -213,20 +213,16 @@ class StopAfter(Callback):
 # --- one member ---------------------------------------------------------------------------------
 
 
-def member_name(model: str, seed: int) -> str:
-    return tracking.run_name(model, seed)
-
-
 @torch.no_grad()
-def score_store(model: nn.Module, store: FeatureStore, tokenizer, params: TrainParams) -> tuple[pd.DataFrame, np.ndarray]:
+def score_store(model: nn.Module, batches: EvalBatches) -> tuple[pd.DataFrame, np.ndarray]:
     """Score table (query_id, product_id, score) and the fused vectors (float16) of every row."""
     model.eval()
     logits, fused = [], []
-    for batch in EvalBatches(store, tokenizer, params.max_query_len, params.eval_batch_size, params.max_boxes):
+    for batch in batches:
         out = model(batch)
         logits.append(out.logits.float().numpy())
         fused.append(out.fused.float().numpy().astype(np.float16))
-    rows = store.rows
+    rows = batches.store.rows
     table = pd.DataFrame({"query_id": rows.query_id, "product_id": rows.product_id, "score": np.concatenate(logits)})
     return table, np.concatenate(fused)
 
@@ -245,7 +241,7 @@ def fit(
         torch.set_num_threads(tp.num_threads)
     L.seed_everything(seed, workers=True, verbose=False)
     cfg = model_config(name, tp)
-    member = member_name(name, seed)
+    member = tracking.run_name(name, seed)
     run_params = {
         **flatten({"train": {k: v for k, v in to_dict(tp).items() if k not in MODELS and k not in ("models", "seeds", "overrides")}}),
         **flatten({name: dataclasses.asdict(cfg)}),
@@ -264,11 +260,14 @@ def fit(
     features = Path(params.data.features)
     train_store = FeatureStore.open(features / "train")
     stores = eval_stores(params)
-    valid = stores["valid"]
-    tokenizer = load_tokenizer(getattr(cfg, "backbone"))
+    tokenizer = load_tokenizer(cfg.backbone)
     data = TrainData(train_store, tokenizer, tp, seed, pairwise=name == "two_tower")
+    eval_batches = {  # tokenised once; valid is scored every eval_every steps
+        split: EvalBatches(store, tokenizer, tp.max_query_len, tp.eval_batch_size, tp.max_boxes)
+        for split, store in stores.items()
+    }
     model = build_model(name, cfg)
-    module = Ranker(name, model, tp, seed, valid)
+    module = Ranker(name, model, tp, seed, stores["valid"])
 
     n_epochs = math.ceil(tp.steps / tp.eval_every)
 
@@ -279,8 +278,7 @@ def fit(
             return DataLoader(TrainBatches(data, epoch, tp.eval_every, rank), batch_size=None)
 
         def val_dataloader(self):
-            batches = EvalBatches(valid, tokenizer, tp.max_query_len, tp.eval_batch_size, tp.max_boxes)
-            return DataLoader(EvalIterable(batches), batch_size=None)
+            return DataLoader(EvalIterable(eval_batches["valid"]), batch_size=None)
 
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=METRIC, mode="max", save_top_k=1, save_last=True,
                                  save_on_train_epoch_end=True)  # an epoch boundary: resumes exactly
@@ -320,8 +318,8 @@ def fit(
         out_dir = Path(params.data.outputs) / member
         out_dir.mkdir(parents=True, exist_ok=True)
         tables = {}
-        for split, store in stores.items():
-            tables[split], fused = score_store(model, store, tokenizer, tp)
+        for split, batches in eval_batches.items():
+            tables[split], fused = score_store(model, batches)
             tables[split].to_parquet(out_dir / f"{split}.parquet", index=False)
             np.save(out_dir / f"{split}_fused.npy", fused)
         report = model_report(tables, params, stores)
@@ -401,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     result = fit(args.model, args.seed, load_params(args.params), progress=not args.no_progress,
                  stop_after=args.stop_after, resume=not args.no_resume)
     if result:
-        print(f"{member_name(args.model, args.seed)}: " + json.dumps({k: v for k, v in result.items() if k != 'mlflow_run_id'}),
+        print(f"{tracking.run_name(args.model, args.seed)}: " + json.dumps({k: v for k, v in result.items() if k != 'mlflow_run_id'}),
               file=sys.stderr)
     return 0
 
