@@ -12,7 +12,7 @@ from transformers import RobertaConfig
 from mmrecall.backbone import build_encoder, load_pretrained_encoder, load_tokenizer, tiny_config
 from mmrecall.image_input import ImageInput, RankerOutput
 from mmrecall.mcan import MCAN, LayerNorm, MCANConfig
-from mmrecall.two_tower import TwoTower, TwoTowerConfig, in_batch_loss
+from mmrecall.two_tower import TwoTower, TwoTowerConfig, in_batch_loss, in_batch_softmax_loss
 from mmrecall.visualbert import VisualBERT, VisualBERTConfig
 
 QUERIES = ["a red dress for girls", "shoes", "bluetooth speaker with led light"]
@@ -42,7 +42,9 @@ MODELS = {
     "mcan": lambda: MCAN(TINY_MCAN, build_encoder(tiny_config())),
     "visualbert": lambda: VisualBERT(VisualBERTConfig(), build_encoder(tiny_config())),
     "visualbert-roberta": lambda: VisualBERT(VisualBERTConfig(), build_encoder(tiny_roberta_config())),
+    "visualbert-mean": lambda: VisualBERT(VisualBERTConfig(pool="mean"), build_encoder(tiny_config())),
     "two_tower": lambda: TwoTower(TwoTowerConfig(), build_encoder(tiny_config())),
+    "two_tower-softmax": lambda: TwoTower(TwoTowerConfig(loss="softmax", temperature=0.1), build_encoder(tiny_config())),
 }
 
 
@@ -169,6 +171,53 @@ def test_in_batch_loss_hand_computed():
     softplus = [math.log1p(math.exp(x)) for x in (-1, 0, 2, -2)]
     expected = sum(softplus) / 4
     assert in_batch_loss(t, v).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_in_batch_softmax_loss_hand_computed():
+    t = torch.tensor([[3.0, 4.0], [0.0, 2.0]])  # unit rows: (0.6, 0.8), (0, 1)
+    v = torch.tensor([[1.0, 0.0], [0.0, 5.0]])  # unit rows: (1, 0), (0, 1)
+    # cos = [[0.6, 0.8], [0, 1]], / temperature 0.5 = [[1.2, 1.6], [0, 2]]
+    def ce(row, target):
+        return math.log(sum(math.exp(x) for x in row)) - row[target]
+    text_to_image = (ce([1.2, 1.6], 0) + ce([0.0, 2.0], 1)) / 2
+    image_to_text = (ce([1.2, 0.0], 0) + ce([1.6, 2.0], 1)) / 2
+    expected = (text_to_image + image_to_text) / 2
+    assert in_batch_softmax_loss(t, v, 0.5).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["bce", "softmax"])
+def test_in_batch_losses_leave_out_rows_of_the_same_query(loss):
+    """Rows 0 and 1 share a query: their cross similarities are not negatives, whatever their value."""
+    fn = (lambda t, v, q: in_batch_loss(t, v, q)) if loss == "bce" else (lambda t, v, q: in_batch_softmax_loss(t, v, 0.1, q))
+    torch.manual_seed(0)
+    t, v = torch.randn(3, 4), torch.randn(3, 4)
+    query = torch.tensor([7, 7, 9])
+    moved = v.clone()
+    moved[1] = t[0] * 3 + 0.1 * torch.randn(4)  # image 1 now looks like text 0's best match
+    base, after = fn(t, v, query), fn(t, moved, query)
+    # Only pairs (0, 1) and (1, 0) are left out; image 1's other pairs (its own positive, query 9) count.
+    assert fn(t, v, None).item() != pytest.approx(base.item())
+    if loss == "bce":  # mean over the 7 kept pairs
+        full = F.binary_cross_entropy_with_logits(t @ v.T, torch.eye(3), reduction="none")
+        keep = ~torch.tensor([[False, True, False], [True, False, False], [False, False, False]])
+        assert base.item() == pytest.approx(full[keep].mean().item(), rel=1e-6)
+    else:
+        sim = F.normalize(t, dim=-1) @ F.normalize(v, dim=-1).T / 0.1
+        sim[0, 1] = sim[1, 0] = float("-inf")
+        target = torch.arange(3)
+        expected = (F.cross_entropy(sim, target) + F.cross_entropy(sim.T, target)) / 2
+        assert base.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert after.item() != pytest.approx(base.item())  # still a real loss of image 1
+
+
+def test_two_tower_softmax_logits_are_scaled_cosines(tokenizer):
+    model = build("two_tower-softmax")
+    batch = make_batch(tokenizer)
+    with torch.no_grad():
+        t, v, out = model.encode_text(batch), model.encode_image(batch), model(batch)
+    torch.testing.assert_close(out.logits, F.cosine_similarity(t, v, dim=-1) / 0.1)
+    with pytest.raises(ValueError, match="loss"):
+        TwoTowerConfig(loss="hinge")
 
 
 def test_two_tower_logits_are_paired_dot_products(tokenizer):

@@ -164,3 +164,14 @@ def test_random_negatives_share_and_never_own_query(train, rate):
     assert np.array_equal(sampler.sample(7, random_rate=rate).negative, t.negative)  # deterministic
     with pytest.raises(ValueError, match="random_rate"):
         sampler.sample(7, random_rate=1.5)
+
+
+def test_neighbour_rows_come_from_the_pool_never_own_query(train):
+    queries, row_query, _ = train
+    pools = build_pools(queries, np.bincount(row_query), np.random.default_rng(0))
+    sampler = HardNegativeSampler.from_row_queries(row_query, pools, k=1)
+    anchors = np.repeat(np.arange(len(queries)), 20)
+    rows = sampler.neighbour_rows(np.random.default_rng(5), anchors)
+    assert all(row_query[r] in pools[q] for q, r in zip(anchors.tolist(), rows.tolist()))
+    assert not (row_query[rows] == anchors).any()
+    assert np.array_equal(rows, sampler.neighbour_rows(np.random.default_rng(5), anchors))

@@ -85,6 +85,7 @@ class TrainParams:
     batch_size: int = 64  # triples (query, positive, negative); pairs for the two-tower
     negatives: int = 10  # hard negatives per positive in the TF-IDF pool sampler (1st place: 10)
     random_negatives: float = 0.0  # share of those negatives drawn from any other query (1st place: 0)
+    in_batch_neighbours: float = 0.0  # two-tower: share of a batch drawn from the pools of the other rows
     lr: float = 3.0e-4
     backbone_lr: float | None = None  # lr of the pretrained backbone weights (None = lr)
     weight_decay: float = 0.01

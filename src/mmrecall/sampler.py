@@ -226,6 +226,11 @@ class HardNegativeSampler:
             neg[swap] = self._random_rows(rng, query[swap])
         return Triples(query, pos, neg)
 
+    def neighbour_rows(self, rng: np.random.Generator, queries: np.ndarray) -> np.ndarray:
+        """One row of a query drawn from the pool of queries[i], for every i (hard in-batch negatives)."""
+        other = self.pools[queries, rng.integers(0, self.pools.shape[1], size=len(queries))]
+        return self.rows[self.offsets[other] + rng.integers(0, self.sizes[other])]
+
     def _random_rows(self, rng: np.random.Generator, queries: np.ndarray) -> np.ndarray:
         """One row of a uniformly drawn query other than queries[i], for every i."""
         nonempty = np.flatnonzero(self.sizes > 0)

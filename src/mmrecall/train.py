@@ -2,7 +2,8 @@
 
 - Data: train rows grouped by cleaned query text; TF-IDF similar-query hard negatives (spec §3.5),
   re-drawn every "epoch" (= `eval_every` steps) from a seed that depends only on (seed, epoch);
-  the two-tower trains on positive pairs with the in-batch loss (spec §4.3).
+  the two-tower trains on positive pairs with the in-batch loss (spec §4.3); a share of each of its
+  batches (`in_batch_neighbours`) are rows of TF-IDF pool neighbours of the other rows: hard in-batch negatives.
 - Loss and schedule: pointwise focal loss on (query, positive) and (query, negative) pairs, AdamW,
   sine wave with linear warmup (spec §3.6).
 - Lightning Trainer (cpu by default; devices / strategy / precision from params). Valid NDCG@5 every
@@ -45,7 +46,7 @@ from .mcan import MCAN, MCANConfig
 from .metrics import METRIC, evaluate_scores
 from .sampler import HardNegativeSampler, build_pools, group_queries
 from .store import FeatureStore
-from .two_tower import TwoTower, TwoTowerConfig, in_batch_loss
+from .two_tower import TwoTower, TwoTowerConfig
 from .visualbert import VisualBERT, VisualBERTConfig
 
 MODELS = {"mcan": (MCAN, MCANConfig), "visualbert": (VisualBERT, VisualBERTConfig), "two_tower": (TwoTower, TwoTowerConfig)}
@@ -98,10 +99,14 @@ class TrainBatches(IterableDataset):
         rng = np.random.default_rng([d.seed, self.epoch, self.rank])
         B = d.params.batch_size
         if d.pairwise:  # two-tower: positive pairs, the batch supplies the negatives
-            rows = rng.permutation(np.resize(rng.permutation(len(d.store)), self.n_batches * B))
+            n_near = round(B * d.params.in_batch_neighbours)
+            n_anchor = B - n_near
+            anchors = np.resize(rng.permutation(len(d.store)), self.n_batches * n_anchor)  # each row once per pass
             for i in range(self.n_batches):
-                r = rows[i * B : (i + 1) * B]
-                yield {"pos": {**d.tokens.batch(d.row_query[r]), **image_batch(d.store, r, d.params.max_boxes)}}
+                a = anchors[i * n_anchor : (i + 1) * n_anchor]
+                r = np.concatenate([a, d.sampler.neighbour_rows(rng, d.row_query[a[:n_near]])])
+                q = d.row_query[r]
+                yield {"pos": {**d.tokens.batch(q), **image_batch(d.store, r, d.params.max_boxes)}, "query": torch.from_numpy(q)}
             return
         triples = d.sampler.sample(rng, d.params.random_negatives)
         pick = np.resize(rng.permutation(len(triples.query)), self.n_batches * B)
@@ -119,11 +124,12 @@ class TrainData:
 
     def __init__(self, store: FeatureStore, tokenizer, params: TrainParams, seed: int, pairwise: bool):
         self.store, self.params, self.seed, self.pairwise = store, params, seed, pairwise
+        if not 0.0 <= params.in_batch_neighbours <= 0.5:
+            raise ValueError(f"train.in_batch_neighbours must be in [0, 0.5], got {params.in_batch_neighbours}")
         texts, self.row_query = group_queries(store.rows.query_clean.tolist())
         self.tokens = QueryTokens.build(texts, tokenizer, params.max_query_len)
-        if not pairwise:
-            pools = build_pools(texts, np.bincount(self.row_query), np.random.default_rng(seed))
-            self.sampler = HardNegativeSampler.from_row_queries(self.row_query, pools, params.negatives)
+        pools = build_pools(texts, np.bincount(self.row_query), np.random.default_rng(seed))
+        self.sampler = HardNegativeSampler.from_row_queries(self.row_query, pools, params.negatives)
 
 
 class EvalIterable(IterableDataset):
@@ -153,7 +159,7 @@ class Ranker(L.LightningModule):
         p = self.params
         if "neg" not in batch:
             pos = batch["pos"]
-            loss = in_batch_loss(self.model.encode_text(pos), self.model.encode_image(pos))
+            loss = self.model.in_batch_loss(pos, batch["query"])
             self.samples_seen += len(pos["input_ids"])
         else:
             lp, ln = self.model(batch["pos"]).logits, self.model(batch["neg"]).logits

@@ -27,6 +27,11 @@ class VisualBERTConfig:
     backbone_layers: int | None = None  # None = every layer of the backbone
     pretrained: bool = True
     feature_norm: bool = False  # LayerNorm on the 2048-d box features (see image_input.feature_norm)
+    pool: str = "cls"  # cls: the final [CLS] state (the original); mean: the mean over real tokens
+
+    def __post_init__(self):
+        if self.pool not in ("cls", "mean"):
+            raise ValueError(f"visualbert pool must be 'cls' or 'mean', got {self.pool!r}")
 
 
 def _ensure_two_token_types(bert: PreTrainedModel) -> None:
@@ -81,5 +86,9 @@ class VisualBERT(nn.Module):
             token_type_ids=token_type,
             position_ids=position,
         ).last_hidden_state  # (B, T + N, H)
-        cls = hidden[:, 0]  # (B, H)
-        return RankerOutput(logits=self.head(cls).squeeze(-1), fused=cls)
+        if self.cfg.pool == "mean":
+            weight = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T + N, 1)
+            pooled = (hidden * weight).sum(1) / weight.sum(1).clamp(min=1)  # (B, H)
+        else:
+            pooled = hidden[:, 0]  # (B, H), [CLS]
+        return RankerOutput(logits=self.head(pooled).squeeze(-1), fused=pooled)
