@@ -113,8 +113,8 @@ def create_parent(study: optuna.Study, params: Params, storage_label: str, exp_i
     """The study's parent run: the `mlflow run` project run if there is one, else a new run."""
     client = mlflow.MlflowClient()
     name = f"study-{study.study_name}"
-    setup = {**flatten({"tune": {k: v for k, v in to_dict(params.tune).items() if k not in ("n_trials", "study_name")}}),
-             "study_name": study.study_name}
+    # (not n_trials: it changes when a study is resumed, and MLflow params are immutable)
+    setup = flatten({"tune": {k: v for k, v in to_dict(params.tune).items() if k not in ("n_trials", "study_name")}})
     tags = {**tracking.standard_tags("tune", setup), "kind": "study", "optuna.study_name": study.study_name,
             "optuna.storage": storage_label, "model": params.tune.model}
     run_id = tracking.claim_project_run()
@@ -294,10 +294,11 @@ def main(argv: list[str] | None = None) -> int:
         "metrics/tune.json. `train.best_params: true` makes `mmrecall train` use the best values.",
     )
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--n-trials", type=lambda s: int(float(s)), help="override tune.n_trials (the study's target)")
+    number = lambda s: int(float(s)) if s else None  # noqa: E731 ("" = as in params.yaml: MLproject defaults)
+    parser.add_argument("--n-trials", type=number, help="override tune.n_trials (the study's target)")
     parser.add_argument("--storage", help="override tune.storage: a journal file or an RDB URL")
     parser.add_argument("--study-name", help="override tune.study_name")
-    parser.add_argument("--workers", type=lambda s: int(float(s)), default=1,
+    parser.add_argument("--workers", type=number, default=1,
                         help="local worker processes for this study (default 1); more can join from elsewhere")
     parser.add_argument("--worker", type=int, default=0, help="this worker's index (varies the sampler seed)")
     parser.add_argument("--no-progress", action="store_true")
@@ -314,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     params = replace(params, tune=tune)
     tune.ranges()  # a bad search space fails before anything is created
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    best = run_study(params, args.worker, max(args.workers - 1, 0), progress=not args.no_progress,
+    best = run_study(params, args.worker, max((args.workers or 1) - 1, 0), progress=not args.no_progress,
                      params_file=args.params, overrides=overrides)
     if best is None:
         print("tune: no trial completed (all pruned or failed); nothing written", file=sys.stderr)
