@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import optuna
@@ -158,3 +161,38 @@ def test_storage_and_study_name(tmp_path, monkeypatch):
     longer = replace(params, tune=replace(params.tune, steps=999))
     more = replace(params, tune=replace(params.tune, n_trials=99))
     assert tune.study_name(longer) != name and tune.study_name(more) == name  # more trials = the same study
+
+
+@pytest.mark.slow
+def test_dvc_tune_stage_is_its_own_pipeline(tmp_path, micro_data):
+    """`dvc repro` leaves the study out; `dvc repro tune/dvc.yaml` prepares the features and runs it."""
+    from .conftest import ROOT
+    from .test_pipeline import sh
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", "tune/dvc.yaml", ".gitignore", "src"):
+        src, dst = ROOT / name, repo / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["prepare"]["workers"] = 1
+    params["train"] = TINY
+    params["tune"].update(TUNE, n_trials=2)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copytree(micro_data, repo / "data")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_RUN", "MLFLOW_EXPERIMENT", "DVC_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", PYTHONPATH=os.pathsep.join(sys.path),
+               DVC_NO_ANALYTICS="1")
+    for cmd in (("git", "init", "-q"), ("dvc", "init", "-q"), ("dvc", "add", "data", "-q"), ("git", "add", "-A"),
+                ("git", "commit", "-qm", "micro")):
+        sh(*cmd, cwd=repo, env=env)
+
+    out = sh("dvc", "repro", "tune/dvc.yaml", cwd=repo, env=env)
+    assert "Running stage 'prepare@train'" in out and "Running stage 'tune/dvc.yaml:tune'" in out
+    best = yaml.safe_load((repo / "best_params.yaml").read_text())
+    assert best["model"] == "mcan" and json.loads((repo / "metrics" / "tune.json").read_text())["trials_complete"] >= 1
+    assert "didn't change" in sh("dvc", "repro", "tune/dvc.yaml", cwd=repo, env=env)
+    # What `dvc repro` / `make repro` would run (--dry stops where features/testA, not prepared here, is missing).
+    dry = subprocess.run(["dvc", "repro", "--dry"], cwd=repo, env=env, capture_output=True, text=True)
+    assert "Running stage 'train@mcan-3'" in dry.stdout and "tune/dvc.yaml:tune" not in dry.stdout + dry.stderr
