@@ -299,6 +299,7 @@ def fit(
     trainer = L.Trainer(
         accelerator=tp.accelerator,
         devices=tp.devices,
+        num_nodes=tp.num_nodes,
         strategy=tp.strategy,
         precision=tp.precision,
         max_steps=tp.steps,
