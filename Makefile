@@ -12,7 +12,7 @@ export DO_NOT_TRACK := true
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test test-fast bench clean-outputs
+.PHONY: install repro tune test test-fast bench clean-outputs
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ repro: $(STAMP)
 	dvc add data --quiet
 	dvc repro
 	@echo; mmrecall report
+
+## make tune: the Optuna study (tune/dvc.yaml, its own pipeline: make repro never starts it); writes best_params.yaml.
+tune: $(STAMP)
+	dvc repro tune/dvc.yaml
 
 ## make test: the whole suite, the end-to-end dvc repro included (make test-fast skips `slow`).
 test: $(STAMP)

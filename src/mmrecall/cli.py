@@ -13,6 +13,7 @@ STAGES = {
     "prepare": ("prepare", "decode + validate one split's TSV into the memory-mapped feature store"),
     "baseline": ("baseline", "fit and score the wordproto floor, log it to MLflow"),
     "train": ("train", "train one ranker member (model x seed), logged to MLflow"),
+    "tune": ("tune", "Optuna study over focal alpha/gamma and the schedule amplitude; writes best_params.yaml"),
     "evaluate": ("evaluate", "NDCG@5 of a submission / score table, or of every model (the stage)"),
     "report": ("report", "print the metrics table of the last `dvc repro`"),
     "apply-config": ("config", "merge a configuration overlay such as configs/faithful.yaml into params.yaml"),

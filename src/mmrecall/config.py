@@ -6,6 +6,7 @@ Every stage calls `load_params()` once and reads its own section. Unknown keys a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import os
@@ -96,7 +97,8 @@ class TrainParams:
     max_boxes: int = 10  # boxes per image given to the models (<= prepare.box_cap)
     eval_batch_size: int = 256
     accelerator: str = "cpu"  # Lightning: cpu, gpu, auto
-    devices: int = 1
+    devices: int = 1  # processes per node with strategy ddp
+    num_nodes: int = 1  # machines (DDP across nodes: MASTER_ADDR, MASTER_PORT, NODE_RANK on each; see README)
     strategy: str = "auto"  # ddp for several GPUs / nodes
     precision: str = "32-true"  # 16-mixed / bf16-mixed on GPUs
     num_threads: int = 0  # torch CPU threads (0 = torch's default)
@@ -104,11 +106,13 @@ class TrainParams:
     visualbert: dict = field(default_factory=dict)  # VisualBERTConfig fields
     two_tower: dict = field(default_factory=dict)  # TwoTowerConfig fields
     overrides: dict = field(default_factory=dict)  # per model: {model: {lr: .., steps: .., ...}}
+    best_params: bool = False  # apply the tuned values (tune.output, written by `mmrecall tune`) to overrides.<tune model>
 
     def for_model(self, name: str) -> "TrainParams":
         """These params with `overrides[name]` applied (e.g. a lower lr for a pretrained encoder)."""
         extra = dict(self.overrides.get(name) or {})
-        allowed = {f.name for f in fields(self)} - {"models", "seeds", "overrides", "mcan", "visualbert", "two_tower"}
+        allowed = {f.name for f in fields(self)} - {"models", "seeds", "overrides", "best_params", "mcan", "visualbert",
+                                                     "two_tower"}
         if unknown := sorted(set(extra) - allowed):
             raise ValueError(f"params.yaml train.overrides.{name}: unknown key(s) {unknown}")
         if "schedule" in extra:
@@ -131,6 +135,55 @@ class EvaluateParams:
 
 
 @dataclass
+class PrunerParams:
+    kind: str = "median"  # median (stop a trial below the median of earlier trials at the same step) | none
+    startup_trials: int = 2  # finished trials before the pruner stops anything
+    warmup_evals: int = 1  # evaluations of a trial before it can be stopped
+
+
+# Tunable train keys; `amplitude` is train.schedule.amplitude.
+TUNABLE = ("focal_alpha", "focal_gamma", "amplitude", "lr")
+
+
+@dataclass
+class TuneParams:
+    """The Optuna study over a short training of one model (`mmrecall tune`)."""
+
+    model: str = "mcan"
+    seed: int = 1  # training seed of every trial
+    n_trials: int = 12  # finished (complete + pruned) trials the study should reach; a resumed study runs the rest
+    steps: int = 200  # optimizer steps per trial
+    eval_every: int = 50  # valid NDCG@5 is reported to the pruner every N steps
+    study_name: str | None = None  # None: <model>-<hash of the setup>; the same setup resumes its study
+    storage: str = "optuna-journal.log"  # a journal file (several local workers), or an RDB URL (several machines)
+    sampler_seed: int = 2020
+    pruner: PrunerParams = field(default_factory=PrunerParams)
+    space: dict = field(default_factory=lambda: {
+        "focal_alpha": {"low": 0.25, "high": 1.0},
+        "focal_gamma": {"low": 0.0, "high": 3.0},
+        "amplitude": {"low": 0.0, "high": 0.5},
+    })  # {key in TUNABLE: {low, high, log}}
+    output: str = "best_params.yaml"  # the best trial's values; train.best_params: true applies them
+
+    def ranges(self) -> dict[str, tuple[float, float, bool]]:
+        """The search space as {key: (low, high, log)}, checked."""
+        out = {}
+        for key, spec in (self.space or {}).items():
+            if key not in TUNABLE:
+                raise ParamsError(f"tune.space.{key}: not tunable; tunable: {list(TUNABLE)}")
+            spec = spec or {}
+            if unknown := sorted(set(spec) - {"low", "high", "log"}):
+                raise ParamsError(f"tune.space.{key}: unknown key(s) {unknown}; known: low, high, log")
+            low, high = float(spec["low"]), float(spec["high"])
+            if not low < high or (spec.get("log") and low <= 0):
+                raise ParamsError(f"tune.space.{key}: need low < high (and low > 0 with log: true), got {spec}")
+            out[key] = (low, high, bool(spec.get("log", False)))
+        if not out:
+            raise ParamsError("tune.space is empty")
+        return out
+
+
+@dataclass
 class TrackingParams:
     experiment: str = "mmrecall"
 
@@ -143,6 +196,7 @@ class Params:
     baseline: BaselineParams = field(default_factory=BaselineParams)
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    tune: TuneParams = field(default_factory=TuneParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
 
 
@@ -184,14 +238,52 @@ def repo_root() -> Path:
     return here
 
 
-def load_params(path: str | os.PathLike | None = None) -> Params:
-    """Read params.yaml (default: ./params.yaml) into `Params`; a missing file gives the defaults."""
+def load_params(path: str | os.PathLike | None = None, apply_best: bool = True) -> Params:
+    """Read params.yaml (default: ./params.yaml) into `Params`; a missing file gives the defaults.
+
+    With `train.best_params: true` the tuned values of `tune.output` (next to params.yaml) are applied
+    to `train.overrides.<tuned model>`, so every stage sees the same train params (`apply_best=False`:
+    the file's own values, for the study itself).
+    """
     path = Path(path) if path is not None else Path.cwd() / PARAMS_FILE
     if not path.exists():
         return Params()
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
-    return _build(Params, raw, str(path))
+    params = _build(Params, raw, str(path))
+    if apply_best and params.train.best_params:
+        params = with_best_params(params, path.parent / params.tune.output)
+    return params
+
+
+def with_model_values(params: Params, model: str, values: dict[str, Any]) -> Params:
+    """`params` with `values` (train keys; `amplitude` = schedule.amplitude) merged into train.overrides[model].
+
+    The tune objective and `train.best_params` both go through here, so a tuned value wins over the
+    model's own override exactly as it did in the trial.
+    """
+    values = dict(values)
+    if "amplitude" in values:
+        values["schedule"] = {**values.get("schedule", {}), "amplitude": values.pop("amplitude")}
+    overrides = copy.deepcopy(params.train.overrides)
+    _merge(overrides.setdefault(model, {}), values)
+    train = replace(params.train, overrides=overrides)
+    train.for_model(model)  # unknown keys fail here, not mid-training
+    return replace(params, train=train)
+
+
+def with_best_params(params: Params, path: str | os.PathLike) -> Params:
+    """Apply a best_params.yaml written by `mmrecall tune` (see `with_model_values`)."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"train.best_params is true but {path} does not exist: run `mmrecall tune` "
+                          "(or set train.best_params: false)")
+    best = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(best, dict) or not isinstance(best.get("params"), dict) or "model" not in best:
+        raise ParamsError(f"{path}: expected `model:` and `params:` (as written by `mmrecall tune`)")
+    if unknown := sorted(set(best["params"]) - set(TUNABLE)):
+        raise ParamsError(f"{path}: not tunable: {unknown}; tunable: {list(TUNABLE)}")
+    return with_model_values(params, best["model"], best["params"])
 
 
 def to_dict(params: Any) -> dict[str, Any]:

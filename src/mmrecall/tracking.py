@@ -2,7 +2,11 @@
 
 - URI: $MLFLOW_TRACKING_URI, else an ABSOLUTE `sqlite:///<repo>/mlflow.db`, where <repo> is
   $DVC_ROOT when DVC runs the stage (queued experiments run in a temp copy; a relative URI would
-  silently log into a throwaway database there).
+  silently log into a throwaway database there). A relative sqlite URI in the environment (what
+  `mlflow run` exports by default) is made absolute against <repo> for the same reason.
+- Several processes on one sqlite store (tuning workers, queued experiments): the first use of the
+  store (schema creation) and experiment creation are serialised by a lock file next to the database;
+  MLflow's own busy timeout (20 s) covers the writes after that.
 - Every run is tagged with the git commit and dirty flag, the `data.dvc` hash, the DVC stage and
   experiment name, and a hash of the params it ran with.
 """
@@ -31,7 +35,37 @@ DEFAULT_EXPERIMENT = "mmrecall"
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+    path = sqlite_path(uri)
+    if path is not None and not path.is_absolute():
+        uri = f"sqlite:///{repo_root() / path}"
+    return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (relative as written), None for other stores."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """An exclusive lock (a `.lock` file next to a sqlite database) across processes; no-op for servers."""
+    path = sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def run_name(model: str, seed: int | None = None) -> str:
@@ -41,13 +75,35 @@ def run_name(model: str, seed: int | None = None) -> str:
 
 def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
     """Point MLflow at the project store and create the experiment once; return its id."""
-    mlflow.set_tracking_uri(tracking_uri())
-    if os.environ.get("MLFLOW_EXPERIMENT_ID"):  # inside `mlflow run`: keep the project's experiment
-        return os.environ["MLFLOW_EXPERIMENT_ID"]
-    found = mlflow.get_experiment_by_name(experiment)
-    exp_id = found.experiment_id if found else mlflow.create_experiment(experiment)
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    with store_lock(uri):  # parallel first uses of a fresh sqlite store race on schema + experiment creation
+        if os.environ.get("MLFLOW_EXPERIMENT_ID"):  # inside `mlflow run`: keep the project's experiment
+            mlflow.get_experiment(os.environ["MLFLOW_EXPERIMENT_ID"])  # (creates the schema under the lock)
+            return os.environ["MLFLOW_EXPERIMENT_ID"]
+        found = mlflow.get_experiment_by_name(experiment)
+        exp_id = found.experiment_id if found else mlflow.create_experiment(experiment)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def claim_project_run() -> str | None:
+    """The run `mlflow run` created for this command, taken out of the environment (None outside `mlflow run`).
+
+    MLflow's `start_run()` resumes $MLFLOW_RUN_ID whenever no run is active; a process that opens
+    several runs (the tuning trials) takes the id first and uses it deliberately (as the study's parent).
+    """
+    return os.environ.pop("MLFLOW_RUN_ID", None)
+
+
+def redact(uri: str) -> str:
+    """A storage URL without its password, for tags and logs."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.password:
+        return uri.replace(f":{parts.password}@", ":***@", 1)
+    return uri
 
 
 def _git(*args: str) -> str | None:
@@ -119,3 +175,33 @@ def start_run(
         if params:
             log_params(params)
         yield run
+
+
+class RunOutcome:
+    """How a `child_run` ended; set `status` to override what the exit says (e.g. KILLED for a pruned trial)."""
+
+    status: str | None = None
+
+
+@contextlib.contextmanager
+def child_run(
+    name: str,
+    stage: str,
+    parent_run_id: str,
+    params: Mapping[str, Any] | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> Iterator[tuple[mlflow.ActiveRun, RunOutcome]]:
+    """A run nested under `parent_run_id`, active in this thread, ended FINISHED, or FAILED on an exception
+    (unless `outcome.status` says otherwise). The parent may be finished already (a resumed study):
+    nesting is the `mlflow.parentRunId` tag, which MLflow sets from `parent_run_id`."""
+    outcome = RunOutcome()
+    all_tags = {**standard_tags(stage, params), **(tags or {})}
+    run = mlflow.start_run(run_name=name, parent_run_id=parent_run_id, tags=all_tags)
+    try:
+        if params:
+            log_params(params)
+        yield run, outcome
+    except BaseException:
+        mlflow.end_run(outcome.status or "FAILED")
+        raise
+    mlflow.end_run(outcome.status or "FINISHED")

@@ -19,11 +19,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -240,8 +243,16 @@ def fit(
     progress: bool = True,
     stop_after: int | None = None,
     resume: bool = True,
+    callbacks: list[Callback] | None = None,
+    dry: bool = False,
 ) -> dict:
-    """Train one member and write its outputs; returns its metrics report."""
+    """Train one member and write its outputs; returns its metrics report.
+
+    `callbacks`: extra Lightning callbacks (the tune objective reports every evaluation to its trial).
+    `dry`: train only (checkpoints in a temporary folder; no outputs, model, metrics file or MLflow run
+    of its own; valid NDCG@5 still goes to the active MLflow run) and return {ndcg_at_5 (best), steps}.
+    Only global rank 0 logs to MLflow; other DDP ranks train and return {}.
+    """
     tp = params.train.for_model(name)
     if tp.num_threads:
         torch.set_num_threads(tp.num_threads)
@@ -255,7 +266,7 @@ def fit(
         "seed": seed,
     }
     fingerprint = tracking.params_hash({**run_params, "data": tracking.data_hash()})
-    ckpt_dir = Path("checkpoints") / member
+    ckpt_dir = Path(tempfile.mkdtemp(prefix=f"{member}-")) if dry else Path("checkpoints") / member
     marker = ckpt_dir / "params_hash"
     if ckpt_dir.exists() and (not resume or not marker.exists() or marker.read_text() != fingerprint):
         shutil.rmtree(ckpt_dir)  # stale: written with other params or data
@@ -288,12 +299,13 @@ def fit(
 
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=METRIC, mode="max", save_top_k=1, save_last=True,
                                  save_on_train_epoch_end=True)  # an epoch boundary: resumes exactly
-    callbacks: list[Callback] = [checkpoint]
+    callbacks = [checkpoint, *(callbacks or [])]
     if stop_after:
         callbacks.append(StopAfter(stop_after))
     trainer = L.Trainer(
         accelerator=tp.accelerator,
         devices=tp.devices,
+        num_nodes=tp.num_nodes,
         strategy=tp.strategy,
         precision=tp.precision,
         max_steps=tp.steps,
@@ -308,11 +320,20 @@ def fit(
         deterministic=True,
         default_root_dir=str(ckpt_dir),
     )
-    parent_id = parent_run(name, run_params, params.tracking.experiment)
+    if dry:
+        try:
+            trainer.fit(module, datamodule=Loaders())
+            best = checkpoint.best_model_score
+            return {METRIC: float(best), "steps": trainer.global_step} if trainer.is_global_zero else {}
+        finally:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+    lead = is_global_rank_zero()  # DDP: the other ranks re-run this function and must not log runs
+    parent_id = parent_run(name, run_params, params.tracking.experiment) if lead else None
     started = time.perf_counter()
-    with tracking.start_run(member, stage="train", params=run_params, experiment=params.tracking.experiment,
-                            tags={"model": name, "seed": str(seed), "mlflow.parentRunId": parent_id,
-                                  "kind": "member"}) as run:
+    member_run = tracking.start_run(member, stage="train", params=run_params, experiment=params.tracking.experiment,
+                                    tags={"model": name, "seed": str(seed), "mlflow.parentRunId": parent_id,
+                                          "kind": "member"}) if lead else contextlib.nullcontext()
+    with member_run as run:
         trainer.fit(module, datamodule=Loaders(), ckpt_path=str(last) if resume and last.exists() else None)
         seconds = time.perf_counter() - started
         if not trainer.is_global_zero:
@@ -345,6 +366,14 @@ def fit(
     metrics_path.write_text(json.dumps({k: v for k, v in result.items() if k != "mlflow_run_id"}, indent=2) + "\n")
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: nothing to resume
     return result
+
+
+def is_global_rank_zero() -> bool:
+    """Before the Trainer exists: Lightning's DDP launcher starts ranks > 0 with LOCAL_RANK / NODE_RANK set
+    (torchrun and SLURM set RANK)."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"]) == 0
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
 # --- parent runs ----------------------------------------------------------------------------------
