@@ -61,8 +61,6 @@ def test_member_outputs_and_runs(workdir):
     assert steps == [2, 4, 6]
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: a run resumed from last.ckpt selects a different best step "
-                   "than the uninterrupted run (Lightning restores the loop mid-epoch); see issue 3 notes")
 def test_resume_after_crash_gives_the_same_result(workdir):
     params = load_params()
     full = train.fit("mcan", 3, params, progress=False)

@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import shutil
 import sys
@@ -286,8 +285,6 @@ def fit(
     model = build_model(name, cfg)
     module = Ranker(name, model, tp, seed, stores["valid"])
 
-    n_epochs = math.ceil(tp.steps / tp.eval_every)
-
     class Loaders(L.LightningDataModule):
         def train_dataloader(self):
             rank = self.trainer.global_rank if self.trainer else 0
@@ -309,7 +306,7 @@ def fit(
         strategy=tp.strategy,
         precision=tp.precision,
         max_steps=tp.steps,
-        max_epochs=n_epochs,
+        max_epochs=-1,  # max_steps ends the run: a resumed run recounts epochs and would stop one early
         limit_train_batches=tp.eval_every,
         reload_dataloaders_every_n_epochs=1,
         num_sanity_val_steps=0,
