@@ -45,6 +45,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_prepare.py
+	$(BIN)/python bench/bench_train.py
 
 clean-outputs:
 	rm -rf features outputs metrics reports
