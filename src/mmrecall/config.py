@@ -135,7 +135,7 @@ class SmoothParams:
 
     k: int = 2  # nearest OTHER boxes mixed in
     weights: list[float] = field(default_factory=lambda: [0.7, 0.2, 0.1])  # self first; sums to 1
-    members: list[str] | None = None  # members the smooth stage re-scores (None = every train member)
+    members: list[str] | None = None  # re-scored members: <model> (x train.seeds) or <model>-seed<k>; None = all
 
 
 @dataclass
@@ -158,7 +158,7 @@ class LGBMParams:
 class RerankParams:
     """LightGBM re-ranker on valid, query-grouped K-fold, and the ensemble of members (spec §3.7-3.8)."""
 
-    members: list[str] | None = None  # members whose scores / vectors are features (None = every train member)
+    members: list[str] | None = None  # feature members: <model> (x train.seeds) or <model>-seed<k>; None = all
     smoothing: bool = False  # feed the members smoothed boxes (outputs/<member>-knn, the smooth stage)
     objective: str = "binary"  # binary | lambdarank
     folds: int = 5  # query-grouped folds over valid
@@ -173,7 +173,6 @@ class RerankParams:
 class RegisterParams:
     name: str = "mmrecall-ranker"  # registered model name
     alias: str = "champion"  # moves only to a version with a better honest valid NDCG@5
-    log_checkpoints: bool = True  # copy member checkpoints into the model (False: tests with no members)
 
 
 @dataclass

@@ -26,8 +26,14 @@ TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "sp
 
 
 def member_names(params, chosen: list[str] | None = None) -> list[str]:
-    """`chosen`, or every train member (train.models x train.seeds)."""
-    return list(chosen) if chosen else [run_name(m, s) for m in params.train.models for s in params.train.seeds]
+    """Members named by `chosen`: `<model>-seed<k>` as is, a bare model name = that model x train.seeds;
+    None or empty = every train member (train.models x train.seeds)."""
+    if not chosen:
+        return [run_name(m, s) for m in params.train.models for s in params.train.seeds]
+    out = []
+    for entry in chosen:
+        out += [entry] if "-seed" in entry else [run_name(entry, s) for s in params.train.seeds]
+    return out
 
 
 def checkpoint_path(member: str, models_dir: str | Path = "models") -> Path:

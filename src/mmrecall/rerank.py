@@ -162,7 +162,9 @@ def build_features(
     cols.update(candidate_features(store, counts))
     X = pd.DataFrame(cols).astype(np.float32)
     if spec.names and list(X.columns) != spec.names:
-        raise ValueError(f"re-ranker features {list(X.columns)[:5]}... differ from the saved spec {spec.names[:5]}...")
+        extra, missing = sorted(set(X.columns) - set(spec.names)), sorted(set(spec.names) - set(X.columns))
+        raise ValueError(f"re-ranker features differ from the saved spec (models/rerank/spec.json): new {extra}, "
+                         f"missing {missing}; re-run `mmrecall rerank`")
     return X, ens
 
 
