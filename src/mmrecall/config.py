@@ -151,7 +151,7 @@ class LGBMParams:
     lambda_l2: float = 1.0
     num_boost_round: int = 1000
     early_stopping_rounds: int = 50
-    num_threads: int = 2
+    num_threads: int = 1  # tiny data: threads only add OpenMP waits on a shared 2-core box
 
 
 @dataclass
@@ -159,7 +159,7 @@ class RerankParams:
     """LightGBM re-ranker on valid, query-grouped K-fold, and the ensemble of members (spec §3.7-3.8)."""
 
     members: list[str] | None = None  # feature members: <model> (x train.seeds) or <model>-seed<k>; None = all
-    smoothing: bool = False  # feed the members smoothed boxes (outputs/<member>-knn, the smooth stage)
+    smoothing: bool = False  # feed the members smoothed boxes (outputs/smoothed/<member>, the smooth stage)
     objective: str = "binary"  # binary | lambdarank
     folds: int = 5  # query-grouped folds over valid
     seed: int = 0  # fold assignment and LightGBM seed

@@ -66,7 +66,7 @@ def current_champion(client, name: str, alias: str) -> tuple[str, float] | None:
         mv = client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
-    return mv.version, float(mv.tags.get(HONEST, "-inf"))
+    return str(mv.version), float(mv.tags.get(HONEST, "-inf"))
 
 
 def promote_if_better(client, name: str, alias: str, new_version: str, score: float) -> dict:

@@ -16,8 +16,8 @@
   a share of ITS training queries. The out-of-fold valid NDCG@5 is the honest one. Test rows get the
   mean prediction over the fold boosters.
 
-Outputs: outputs/ensemble[-knn]/ and outputs/rerank[-knn]/<split>.parquet (score tables; -knn = members
-on smoothed boxes, when the smooth stage wrote them), models/rerank/ (the boosters of the variant
+Outputs: outputs/ensemble[-knn]/ and outputs/rerank[-knn]/<split>.parquet (score tables; -knn = built on
+the members' scores on smoothed boxes, outputs/smoothed/<member>/, when the smooth stage wrote them), models/rerank/ (the boosters of the variant
 params `rerank.smoothing` picks, as LightGBM text files, the PCA and the feature spec: what the
 registered model loads), metrics/rerank.json.
 """
@@ -39,7 +39,7 @@ from . import members as members_mod
 from .config import Params, RerankParams, flatten, load_params, to_dict
 from .evaluate import candidate_counts, eval_stores, model_report
 from .metrics import K, METRIC
-from .smoothing import SUFFIX
+from .smoothing import SUFFIX, smoothed_folder
 from .store import FeatureStore
 from .text import words
 
@@ -284,7 +284,7 @@ def fit_variant(params: Params, stores: dict[str, FeatureStore], counts: pd.Seri
     rp = params.rerank
     names = members_mod.member_names(params, rp.members)
     outputs_dir = Path(params.data.outputs)
-    folder = lambda m: f"{m}{SUFFIX}" if smoothing else m  # noqa: E731
+    folder = smoothed_folder if smoothing else str
     outs = {s: {m: read_member_outputs(outputs_dir, folder(m), s, st) for m in names} for s, st in stores.items()}
     spec = FeatureSpec(names, rp.pca_dims, dict(rp.ensemble_weights))
     pca = {m: fit_pca([outs[s][m][1] for s in stores], rp.pca_dims) for m in names} if rp.pca_dims else {}
@@ -339,9 +339,13 @@ def run_stage(params: Params, progress: bool = True) -> dict:
     counts = candidate_counts(stores)
     names = members_mod.member_names(params, params.rerank.members)
     outputs_dir = Path(params.data.outputs)
-    have_knn = all((outputs_dir / f"{m}{SUFFIX}" / "valid.parquet").exists() for m in names)
+    have_knn = all((outputs_dir / smoothed_folder(m) / "valid.parquet").exists() for m in names)
     if params.rerank.smoothing and not have_knn:
-        raise FileNotFoundError("params rerank.smoothing is true but outputs/<member>-knn/ are missing: run `mmrecall smooth`")
+        raise FileNotFoundError("params rerank.smoothing is true but outputs/smoothed/<member>/ are missing for some of "
+                                f"{names}: run `mmrecall smooth` with them in params smooth.members")
+    for kind in ("ensemble", "rerank"):  # the stage's outs, even when there is nothing smoothed to build on
+        for suffix in ("", SUFFIX):
+            (outputs_dir / f"{kind}{suffix}").mkdir(parents=True, exist_ok=True)
     report: dict = {}
     chosen = None
     for smoothing in [False, True] if have_knn else [False]:

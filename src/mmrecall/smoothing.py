@@ -12,7 +12,7 @@ neighbours' weight back to the box itself. Applied at inference only, to any mem
     store = smoothed_store(FeatureStore.open("features/valid"), params.smooth)   # same rows, new boxes
 
 The `smooth` stage re-scores every member on every evaluation split with smoothed boxes and writes
-outputs/<member>-knn/ next to the plain outputs/<member>/, so NDCG@5 can be compared on and off.
+outputs/smoothed/<member>/ next to the plain outputs/<member>/, so NDCG@5 can be compared on and off.
 """
 
 from __future__ import annotations
@@ -29,7 +29,12 @@ import numpy as np
 from .config import SmoothParams, load_params
 from .store import FeatureStore
 
-SUFFIX = "-knn"  # outputs/<member>-knn/ holds a member's scores on smoothed boxes
+SMOOTHED = "smoothed"  # outputs/smoothed/<member>/ holds a member's scores on smoothed boxes (the stage's out)
+SUFFIX = "-knn"  # outputs/ensemble-knn/, outputs/rerank-knn/: the same built on smoothed members
+
+
+def smoothed_folder(member: str) -> str:
+    return f"{SMOOTHED}/{member}"
 
 
 def check_weights(k: int, weights: list[float]) -> np.ndarray:
@@ -94,7 +99,7 @@ def smoothed_store(store: FeatureStore, params: SmoothParams) -> FeatureStore:
 
 
 def run_stage(params, progress: bool = True) -> dict:
-    """Re-score every member on smoothed boxes; write outputs/<member>-knn/ and metrics/smooth.json."""
+    """Re-score members on smoothed boxes; write outputs/smoothed/<member>/ and metrics/smooth.json."""
     from . import members
     from .evaluate import eval_stores, model_report
 
@@ -104,13 +109,14 @@ def run_stage(params, progress: bool = True) -> dict:
     smooth_seconds = time.perf_counter() - started
     report: dict = {"smooth_seconds": round(smooth_seconds, 2)}
     outputs = Path(params.data.outputs)
+    (outputs / SMOOTHED).mkdir(parents=True, exist_ok=True)
     for member in members.member_names(params, params.smooth.members):
         t0 = time.perf_counter()
         loaded = members.load(members.checkpoint_path(member))
         tables = {}
         for split, store in smoothed.items():
             tables[split], fused = members.score(loaded, store)
-            folder = outputs / f"{member}{SUFFIX}"
+            folder = outputs / smoothed_folder(member)
             folder.mkdir(parents=True, exist_ok=True)
             tables[split].to_parquet(folder / f"{split}.parquet", index=False)
             np.save(folder / f"{split}_fused.npy", fused)
@@ -129,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         description="KNN smoothing of box features (solo team): within each query's candidate pool every box "
         "becomes w0*itself + w1*its nearest other box + w2*its second nearest (params smooth.k, smooth.weights). "
         "Re-scores every member of params smooth.members (default: every train member) on the smoothed valid / "
-        "testA boxes into outputs/<member>-knn/ and writes metrics/smooth.json (NDCG@5 with smoothing on; "
+        "testA boxes into outputs/smoothed/<member>/ and writes metrics/smooth.json (NDCG@5 with smoothing on; "
         "the plain outputs/<member>/ are the 'off' numbers).",
     )
     parser.add_argument("--params", default="params.yaml")

@@ -23,7 +23,7 @@ from .config import Params, load_params
 from .evaluate import eval_stores, model_report
 from .members import member_names
 from .metrics import METRIC, read_score_table
-from .smoothing import SUFFIX
+from .smoothing import SUFFIX, smoothed_folder
 
 REPORT = Path("reports") / "stage2.md"
 PLOTS = Path("plots")
@@ -33,7 +33,7 @@ def rows_to_report(params: Params) -> list[tuple[str, str, str]]:
     """(label, smoothing on/off, outputs folder) of every row that has score tables."""
     out = [(params.baseline.name, "off", params.baseline.name)]
     for m in member_names(params):
-        out += [(m, "off", m), (m, "on", f"{m}{SUFFIX}")]
+        out += [(m, "off", m), (m, "on", smoothed_folder(m))]
     for kind, label in (("ensemble", "ensemble"), ("rerank", "ensemble + re-ranker (valid: out-of-fold)")):
         out += [(label, "off", kind), (label, "on", f"{kind}{SUFFIX}")]
     return out
