@@ -115,14 +115,24 @@ def candidate_features(store: FeatureStore, counts: pd.Series) -> dict[str, np.n
 
 
 def fit_pca(blocks: list[np.ndarray], dims: int) -> tuple[np.ndarray, np.ndarray]:
-    """(mean (D,), components (dims, D)) of the stacked rows, by an eigendecomposition of the covariance."""
-    x = np.concatenate([np.asarray(b, np.float64) for b in blocks])
-    mean = x.mean(0)
-    xc = x - mean
-    vals, vecs = np.linalg.eigh(xc.T @ xc)
-    comps = vecs[:, ::-1][:, :dims].T
+    """(mean (D,), components (dims, D)) of the stacked rows, by an eigendecomposition of the covariance.
+
+    torch with one thread: numpy's threaded BLAS took seconds for this on a shared 2-core machine.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x = torch.from_numpy(np.concatenate([np.asarray(b, np.float64) for b in blocks]))
+        mean = x.mean(0)
+        xc = x - mean
+        _, vecs = torch.linalg.eigh(xc.T @ xc)
+        comps = vecs.flip(1)[:, :dims].T.numpy().copy()
+    finally:
+        torch.set_num_threads(threads)
     comps *= np.sign(comps[np.arange(len(comps)), np.abs(comps).argmax(1)])[:, None]  # a fixed sign
-    return mean.astype(np.float32), comps.astype(np.float32)
+    return mean.numpy().astype(np.float32), comps.astype(np.float32)
 
 
 @dataclass
