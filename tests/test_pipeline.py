@@ -84,7 +84,7 @@ def test_dvc_repro_end_to_end(repo):
 
     # Stage 2: smoothing, re-ranker, registered champion, submission, summary table.
     stage2 = json.loads((repo / "metrics" / "stage2.json").read_text())
-    assert "ensemble + re-ranker (valid: out-of-fold) | off" in stage2 and "mcan-seed1 | on" in stage2
+    assert {"rerank", "ensemble", "mcan-seed1+knn", "submission", "check", "register"} <= set(stage2)
     client = mlflow.MlflowClient()
     champion = client.get_model_version_by_alias("mmrecall-ranker", "champion")
     assert champion.tags["data_md5"] == data_md5 and float(champion.tags["ndcg_at_5_valid_oof"]) > 0

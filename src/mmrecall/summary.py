@@ -29,44 +29,53 @@ REPORT = Path("reports") / "stage2.md"
 PLOTS = Path("plots")
 
 
-def rows_to_report(params: Params) -> list[tuple[str, str, str]]:
-    """(label, smoothing on/off, outputs folder) of every row that has score tables."""
-    out = [(params.baseline.name, "off", params.baseline.name)]
+RERANK_LABEL = "ensemble + re-ranker (valid: out-of-fold)"
+META = ("check", "register")  # non-table entries of the summary
+
+
+def rows_to_report(params: Params) -> list[tuple[str, str, str, str]]:
+    """(key, label, smoothing on/off, outputs folder) of every possible row; `+knn` keys = smoothing on."""
+    out = [(params.baseline.name, params.baseline.name, "off", params.baseline.name)]
     for m in member_names(params):
-        out += [(m, "off", m), (m, "on", smoothed_folder(m))]
-    for kind, label in (("ensemble", "ensemble"), ("rerank", "ensemble + re-ranker (valid: out-of-fold)")):
-        out += [(label, "off", kind), (label, "on", f"{kind}{SUFFIX}")]
+        out += [(m, m, "off", m), (f"{m}+knn", m, "on", smoothed_folder(m))]
+    for kind, label in (("ensemble", "ensemble"), ("rerank", RERANK_LABEL)):
+        out += [(kind, label, "off", kind), (f"{kind}+knn", label, "on", f"{kind}{SUFFIX}")]
     return out
+
+
+def label_of(key: str, params: Params) -> tuple[str, str]:
+    """(label, smoothing) of a summary key, for the table."""
+    for k, label, smoothing, _ in rows_to_report(params):
+        if k == key:
+            return label, smoothing
+    return "submission.csv via the registered model", "on" if params.rerank.smoothing else "off"
 
 
 def collect(params: Params) -> dict:
     stores = eval_stores(params)
     outputs = Path(params.data.outputs)
     summary: dict = {}
-    for label, smoothing, folder in rows_to_report(params):
+    for key, _, _, folder in rows_to_report(params):
         tables = {s: read_score_table(outputs / folder / f"{s}.parquet") for s in stores
                   if (outputs / folder / f"{s}.parquet").exists()}
         if tables:
-            summary[f"{label} | {smoothing}"] = model_report(tables, params, stores)
+            summary[key] = model_report(tables, params, stores)
     predict = Path(params.data.metrics) / "predict.json"
     if predict.exists():
         report = json.loads(predict.read_text())
-        smoothing = "on" if params.rerank.smoothing else "off"
-        summary[f"submission.csv via the registered model | {smoothing}"] = {
-            s: {k: v for k, v in vals.items() if k.startswith(METRIC)}
-            for s, vals in report.items() if isinstance(vals, dict) and METRIC in vals
-        }
+        summary["submission"] = {s: {k: v for k, v in vals.items() if k.startswith(METRIC)}
+                                 for s, vals in report.items() if isinstance(vals, dict) and METRIC in vals}
     register = Path(params.data.metrics) / "register.json"
     if register.exists():
-        summary["_register"] = json.loads(register.read_text())
-    members = [k for k in summary if k.split(" | ")[0] in member_names(params) and k.endswith("| off")]
+        summary["register"] = json.loads(register.read_text())
+    singles = [m for m in member_names(params) if m in summary]
     test = next((s for s in stores if s != "valid"), None)
-    if members and test and "ensemble + re-ranker (valid: out-of-fold) | off" in summary:
-        best = max(members, key=lambda k: summary[k].get(test, {}).get(METRIC, -1))
-        rr = summary["ensemble + re-ranker (valid: out-of-fold) | off"].get(test, {})
-        summary["_check"] = {
+    if singles and test and test in summary.get("rerank", {}):
+        best = max(singles, key=lambda m: summary[m].get(test, {}).get(METRIC, -1))
+        rr = summary["rerank"][test]
+        summary["check"] = {
             "split": test,
-            "best_single_member": best.split(" | ")[0],
+            "best_single_member": best,
             "best_single": summary[best].get(test),
             "ensemble_rerank": rr,
             "rerank_beats_best_single": bool(rr.get(METRIC, -1) > summary[best][test][METRIC]),
@@ -74,26 +83,24 @@ def collect(params: Params) -> dict:
     return summary
 
 
-def markdown(summary: dict) -> str:
-    splits = sorted({s for k, rep in summary.items() if not k.startswith("_") for s in rep}, key=lambda s: (s != "valid", s))
+def markdown(summary: dict, params: Params) -> str:
+    rows = {k: v for k, v in summary.items() if k not in META}
+    splits = sorted({s for rep in rows.values() for s in rep}, key=lambda s: (s != "valid", s))
     head = ["model", "smoothing"] + [f"{s} {c}" for s in splits for c in ("NDCG@5", "+post-proc")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for key, rep in summary.items():
-        if key.startswith("_"):
-            continue
-        label, smoothing = key.split(" | ")
-        cells = [label, smoothing]
+    for key, rep in rows.items():
+        cells = list(label_of(key, params))
         for s in splits:
             vals = rep.get(s, {})
             cells += [f"{vals[k]:.4f}" if k in vals else "-" for k in (METRIC, f"{METRIC}_pp")]
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
-    if "_check" in summary:
-        c = summary["_check"]
+    if "check" in summary:
+        c = summary["check"]
         text += (f"\nOn {c['split']}: ensemble + re-ranker {c['ensemble_rerank'].get(METRIC, float('nan')):.4f} vs the best "
                  f"single member ({c['best_single_member']}) {c['best_single'][METRIC]:.4f} (raw NDCG@5).\n")
-    if "_register" in summary:
-        r = summary["_register"]
+    if "register" in summary:
+        r = summary["register"]
         text += (f"\nRegistered {r['name']} v{r['version']} (honest valid NDCG@5 {r['ndcg_at_5_valid_oof']:.4f}); "
                  f"`{r['alias']}` is v{r['champion']}{' (moved)' if r['moved'] else ' (not moved)'}.\n")
     return text
@@ -130,14 +137,14 @@ def run_stage(params: Params) -> dict:
     for key in (METRIC, "lr"):
         (PLOTS / key).mkdir(parents=True, exist_ok=True)
     summary = collect(params)
-    summary["_plots"] = write_plots(params)
+    write_plots(params)
     path = Path(params.data.metrics) / "stage2.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2) + "\n")
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text("# Ranker: members, ensemble, re-ranker, smoothing, post-processing\n\n"
                       "NDCG@5; valid of the re-ranker rows is out-of-fold (honest); testA answers are synthetic.\n\n"
-                      + markdown(summary))
+                      + markdown(summary, params))
     return summary
 
 
@@ -151,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    summary = run_stage(load_params(args.params))
-    print(markdown(summary), end="")
+    params = load_params(args.params)
+    print(markdown(run_stage(params), params), end="")
     return 0
 
 
