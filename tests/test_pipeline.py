@@ -61,7 +61,7 @@ def test_dvc_repro_end_to_end(repo):
 
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")  # the absolute default URI of tracking.py
     runs = mlflow.search_runs(experiment_names=["mmrecall"])
-    assert sorted(runs["tags.mlflow.runName"]) == ["mcan", "mcan-seed1", "mcan-seed2", "wordproto"]
+    assert sorted(runs["tags.mlflow.runName"]) == ["mcan", "mcan-seed1", "mcan-seed2", "register", "rerank", "wordproto"]
     by_name = runs.set_index("tags.mlflow.runName")
     parent = by_name.loc["mcan"]
     members = [by_name.loc[f"mcan-seed{s}"] for s in (1, 2)]
@@ -82,6 +82,17 @@ def test_dvc_repro_end_to_end(repo):
     assert run["tags.data_md5"] == data_md5
     assert len(run["tags.git_commit"]) == 40
 
+    # Stage 2: smoothing, re-ranker, registered champion, submission, summary table.
+    stage2 = json.loads((repo / "metrics" / "stage2.json").read_text())
+    assert {"rerank", "ensemble", "mcan-seed1+knn", "submission", "check", "register"} <= set(stage2)
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias("mmrecall-ranker", "champion")
+    assert champion.tags["data_md5"] == data_md5 and float(champion.tags["ndcg_at_5_valid_oof"]) > 0
+    submission = (repo / "submission.csv").read_text().splitlines()
+    assert submission[0] == "query-id,product1,product2,product3,product4,product5" and len(submission) == 1 + MICRO["test_queries"]
+    assert (repo / "plots" / "ndcg_at_5" / "mcan-seed1.csv").exists() and (repo / "plots" / "lr" / "mcan-seed2.csv").exists()
+    assert "ensemble + re-ranker" in sh("mmrecall", "report", cwd=repo, env=env)
+
     again = sh("dvc", "repro", cwd=repo, env=env)  # nothing changed: nothing runs, nothing is logged
     assert "Running stage" not in again and "up to date" in again
-    assert len(mlflow.search_runs(experiment_names=["mmrecall"])) == 4
+    assert len(mlflow.search_runs(experiment_names=["mmrecall"])) == 6

@@ -15,6 +15,11 @@ STAGES = {
     "train": ("train", "train one ranker member (model x seed), logged to MLflow"),
     "tune": ("tune", "Optuna study over focal alpha/gamma and the schedule amplitude; writes best_params.yaml"),
     "evaluate": ("evaluate", "NDCG@5 of a submission / score table, or of every model (the stage)"),
+    "smooth": ("smoothing", "re-score every member on KNN-smoothed box features (solo team)"),
+    "rerank": ("rerank", "ensemble + LightGBM re-ranker on valid, query-grouped K-fold (honest NDCG@5)"),
+    "register": ("register", "log the ranker as an MLflow pyfunc, register it, move `champion` on improvement"),
+    "predict": ("predict", "submission.csv for testA (testB) through the registered champion"),
+    "summary": ("summary", "metrics JSON + markdown table of members, ensemble, re-ranker, smoothing, post-proc"),
     "report": ("report", "print the metrics table of the last `dvc repro`"),
     "apply-config": ("config", "merge a configuration overlay such as configs/faithful.yaml into params.yaml"),
 }

@@ -181,6 +181,56 @@ class TuneParams:
         if not out:
             raise ParamsError("tune.space is empty")
         return out
+class SmoothParams:
+    """KNN smoothing of box features within a query's pool (solo team, spec §4.4)."""
+
+    k: int = 2  # nearest OTHER boxes mixed in
+    weights: list[float] = field(default_factory=lambda: [0.7, 0.2, 0.1])  # self first; sums to 1
+    members: list[str] | None = None  # re-scored members: <model> (x train.seeds) or <model>-seed<k>; None = all
+
+
+@dataclass
+class LGBMParams:
+    """LightGBM settings of the re-ranker (lgb.train parameters)."""
+
+    learning_rate: float = 0.05
+    num_leaves: int = 15
+    min_data_in_leaf: int = 20
+    feature_fraction: float = 0.8
+    bagging_fraction: float = 0.8
+    bagging_freq: int = 1
+    lambda_l2: float = 1.0
+    num_boost_round: int = 1000
+    early_stopping_rounds: int = 50
+    num_threads: int = 1  # tiny data: threads only add OpenMP waits on a shared 2-core box
+
+
+@dataclass
+class RerankParams:
+    """LightGBM re-ranker on valid, query-grouped K-fold, and the ensemble of members (spec §3.7-3.8)."""
+
+    members: list[str] | None = None  # feature members: <model> (x train.seeds) or <model>-seed<k>; None = all
+    smoothing: bool = False  # feed the members smoothed boxes (outputs/smoothed/<member>, the smooth stage)
+    objective: str = "binary"  # binary | lambdarank
+    folds: int = 5  # query-grouped folds over valid
+    seed: int = 0  # fold assignment and LightGBM seed
+    early_stopping_share: float = 0.2  # share of each fold's training queries held out for early stopping
+    pca_dims: int = 8  # components of each member's fused vector (0 = scores only)
+    ensemble_weights: dict = field(default_factory=dict)  # member -> weight of its probability (missing = 1)
+    lgbm: LGBMParams = field(default_factory=LGBMParams)
+
+
+@dataclass
+class RegisterParams:
+    name: str = "mmrecall-ranker"  # registered model name
+    alias: str = "champion"  # moves only to a version with a better honest valid NDCG@5
+
+
+@dataclass
+class PredictParams:
+    model_uri: str = "models:/mmrecall-ranker@champion"
+    splits: list[str] = field(default_factory=lambda: ["testA", "testB"])  # those with data/<split>/<split>.tsv
+    output: str = "submission.csv"  # the first split's file; others get submission_<split>.csv
 
 
 @dataclass
@@ -197,6 +247,10 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     tune: TuneParams = field(default_factory=TuneParams)
+    smooth: SmoothParams = field(default_factory=SmoothParams)
+    rerank: RerankParams = field(default_factory=RerankParams)
+    register: RegisterParams = field(default_factory=RegisterParams)
+    predict: PredictParams = field(default_factory=PredictParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
 
 

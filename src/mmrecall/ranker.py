@@ -1,0 +1,130 @@
+"""The whole ranker on a candidate table in the official columns: decode, (smooth), members, re-ranker.
+
+    ranker = Ranker.load({"rerank": "models/rerank", "backbone": <tokenizer folder>,
+                          "member.mcan-seed1": "models/mcan/seed1/model.pt", ...})
+    scores = ranker.score(read_candidates("data/testA/testA.tsv"))    # one float per row
+
+A candidate table has the nine TSV columns (tsv.COLUMNS; boxes / features / class_labels base64 as in
+the files). It is decoded by the same validating parser as `prepare` (tsv.parse_chunk); any row that
+parser would reject is an error naming the row, its ids and the reason. Scores depend on the other
+candidates of the same query_id in the table (smoothing pools, per-query ranks), so pass whole
+queries. A candidate's frequency feature is the larger of its count over the evaluation files seen
+at training time and its count in the table.
+
+This module is what the registered MLflow model (ranker_model.py) runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import tempfile
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+
+from . import members as members_mod
+from .config import PrepareParams, SmoothParams
+from .prepare import prepare_split
+from .rerank import COUNTS, PCA, SPEC, FeatureSpec, build_features
+from .smoothing import smoothed_store
+from .store import FeatureStore
+from .tsv import COLUMNS, HEADER
+
+INT_COLUMNS = ("product_id", "image_h", "image_w", "num_boxes", "query_id")
+MEMBER_PREFIX = "member."
+
+
+class CandidateTableError(ValueError):
+    """A candidate table the ranker cannot score (the message names the row and column)."""
+
+
+def read_candidates(path: str | Path, nrows: int | None = None) -> pd.DataFrame:
+    """An official TSV (header row, quoting off) as a candidate table; ids as int64, the rest as text."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: file not found")
+    dtypes = {c: (np.int64 if c in INT_COLUMNS else str) for c in COLUMNS}
+    try:
+        return pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, dtype=dtypes, nrows=nrows, keep_default_na=False)
+    except ValueError as e:
+        raise CandidateTableError(f"{path}: not a candidate table in the official columns ({e})") from e
+
+
+def _text(value) -> str:
+    return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
+
+
+def candidate_store(table: pd.DataFrame, folder: Path, box_cap: int = 30) -> FeatureStore:
+    """Decode and validate a candidate table into a feature store under `folder` (in table order)."""
+    if not isinstance(table, pd.DataFrame):
+        raise CandidateTableError(f"expected a pandas DataFrame with columns {list(COLUMNS)}, got {type(table).__name__}")
+    missing = [c for c in COLUMNS if c not in table.columns]
+    if missing:
+        raise CandidateTableError(f"candidate table: missing column(s) {missing}; expected {list(COLUMNS)}")
+    if len(table) == 0:
+        raise CandidateTableError("candidate table: no rows")
+    cols = {c: [_text(v) for v in table[c].tolist()] for c in COLUMNS}
+    for c, values in cols.items():
+        for i, v in enumerate(values):
+            if "\t" in v or "\n" in v or "\r" in v:
+                raise CandidateTableError(f"candidate table row {i}, column {c!r}: contains a tab or line break")
+    folder.mkdir(parents=True, exist_ok=True)
+    tsv = folder / "candidates.tsv"
+    with open(tsv, "w") as f:
+        f.write(HEADER + "\n")
+        for i in range(len(table)):
+            f.write("\t".join(cols[c][i] for c in COLUMNS) + "\n")
+    prepare_split(tsv, folder / "store", PrepareParams(box_cap=box_cap, workers=1), progress=False)
+    rejects = pd.read_csv(folder / "store" / "rejects.tsv", sep="\t", keep_default_na=False)
+    if len(rejects):
+        line, reason, detail = rejects.iloc[0][["line", "reason", "detail"]]
+        row = int(line) - 2  # line 1 is the header
+        ids = f"product_id={cols['product_id'][row]!r}, query_id={cols['query_id'][row]!r}"
+        raise CandidateTableError(
+            f"candidate table row {row} ({ids}): {reason}" + (f" ({detail})" if detail else "")
+            + (f"; {len(rejects) - 1} more bad row(s)" if len(rejects) > 1 else "")
+        )
+    tsv.unlink()
+    return FeatureStore.open(folder / "store")
+
+
+class Ranker:
+    def __init__(self, spec: dict, members: dict[str, members_mod.Member], boosters: list[lgb.Booster],
+                 pca: dict[str, tuple[np.ndarray, np.ndarray]], counts: pd.Series):
+        self.spec, self.members, self.boosters, self.pca, self.counts = spec, members, boosters, pca, counts
+        self.feature_spec = FeatureSpec(spec["members"], spec["pca_dims"], spec["ensemble_weights"], spec["names"])
+
+    @classmethod
+    def load(cls, paths: dict[str, str]) -> "Ranker":
+        """`paths`: rerank (models/rerank folder), backbone (config + tokenizer folder), member.<name> (model.pt)."""
+        folder = Path(paths["rerank"])
+        spec = json.loads((folder / SPEC).read_text())
+        members = {m: members_mod.load(paths[f"{MEMBER_PREFIX}{m}"], paths.get("backbone")) for m in spec["members"]}
+        boosters = [lgb.Booster(model_file=str(folder / f"booster_fold{i}.txt")) for i in range(spec["folds"])]
+        pca = {}
+        if spec["pca_dims"]:
+            with np.load(folder / PCA) as z:
+                pca = {m: (z[f"{m}.mean"], z[f"{m}.components"]) for m in spec["members"]}
+        counts = pd.read_parquet(folder / COUNTS).set_index("product_id")["count"]
+        return cls(spec, members, boosters, pca, counts)
+
+    def score(self, table: pd.DataFrame, kind: str = "rerank") -> np.ndarray:
+        """One score per row: the re-ranker's mean fold prediction (kind='ensemble': the members' ensemble)."""
+        with tempfile.TemporaryDirectory(prefix="mmrecall-candidates-") as tmp:
+            store = candidate_store(table, Path(tmp), int(self.spec.get("box_cap", 30)))
+            if self.spec["smoothing"]:
+                s = self.spec["smooth"]
+                store = smoothed_store(store, SmoothParams(k=s["k"], weights=s["weights"]))
+            outputs = {}
+            for name, member in self.members.items():
+                scores, fused = members_mod.score(member, store)
+                outputs[name] = (scores.score.to_numpy(), fused)
+            in_table = store.rows.product_id.value_counts()
+            counts = pd.concat([self.counts.reindex(in_table.index).fillna(0), in_table], axis=1).max(axis=1)
+            X, ensemble = build_features(store, outputs, self.feature_spec, self.pca, counts)
+        if kind == "ensemble":
+            return ensemble
+        return np.mean([b.predict(X) for b in self.boosters], axis=0)

@@ -1,0 +1,269 @@
+"""Stage 2: KNN smoothing, the out-of-fold re-ranker, the champion rule, the registered pyfunc end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from mmrecall import members, predict, prepare, register, rerank
+from mmrecall.config import RerankParams, SmoothParams, load_params
+from mmrecall.mcan import MCAN, MCANConfig
+from mmrecall.ranker import CandidateTableError, Ranker, candidate_store, read_candidates
+from mmrecall.smoothing import smooth_features, smooth_pool, smoothed_store
+from mmrecall.store import FeatureStore
+from mmrecall.train import save_member
+
+# --- smoothing ---------------------------------------------------------------------------------------
+
+
+def test_smooth_pool_hand_computed():
+    x = np.array([[0, 0], [1, 0], [3, 0], [10, 0]], np.float32)
+    # box 0: nearest others 1 (d=1), 2 (d=3) -> 0.7*0 + 0.2*1 + 0.1*3 = 0.5
+    # box 1: 0 (d=1), 2 (d=2) -> 0.7*1 + 0.2*0 + 0.1*3 = 1.0
+    # box 2: 1 (d=2), 0 (d=3) -> 0.7*3 + 0.2*1 + 0.1*0 = 2.3
+    # box 3: 2 (d=7), 1 (d=9) -> 0.7*10 + 0.2*3 + 0.1*1 = 7.7
+    np.testing.assert_allclose(smooth_pool(x)[:, 0], [0.5, 1.0, 2.3, 7.7], rtol=1e-6)
+    np.testing.assert_allclose(smooth_pool(x)[:, 1], 0.0)
+
+
+def test_smooth_pool_duplicates_small_pools_and_weights():
+    dup = np.array([[1, 1], [1, 1], [5, 5]], np.float32)  # a duplicate is a neighbour, never the box itself
+    np.testing.assert_allclose(smooth_pool(dup)[0], 0.7 * 1 + 0.2 * 1 + 0.1 * 5)
+    two = np.array([[0.0], [10.0]], np.float32)  # one neighbour: its missing weight goes back to the box
+    np.testing.assert_allclose(smooth_pool(two)[:, 0], [0.2 * 10, 0.8 * 10])
+    np.testing.assert_allclose(smooth_pool(np.array([[4.0]], np.float32)), [[4.0]])
+    with pytest.raises(ValueError, match="sum to 1"):
+        smooth_pool(dup, 2, (0.5, 0.2, 0.1))
+    with pytest.raises(ValueError, match="k \\+ 1"):
+        smooth_pool(dup, 1, (0.7, 0.2, 0.1))
+
+
+def test_smooth_features_pools_are_per_query():
+    # rows: q7 owns boxes 0-1 and 4, q3 owns boxes 2-3; box values along one axis
+    feats = np.array([[0.0], [1.0], [100.0], [104.0], [3.0]], np.float16)
+    offsets, counts, groups = np.array([0, 2, 4]), np.array([2, 2, 1]), np.array([7, 3, 7])
+    out = smooth_features(feats, offsets, counts, groups).astype(np.float32)[:, 0]
+    np.testing.assert_allclose(out[[0, 1, 4]], smooth_pool(np.array([[0.0], [1.0], [3.0]], np.float32))[:, 0], rtol=1e-3)
+    np.testing.assert_allclose(out[[2, 3]], [0.8 * 100 + 0.2 * 104, 0.8 * 104 + 0.2 * 100], rtol=1e-3)  # 2-box pool
+
+
+# --- out-of-fold isolation --------------------------------------------------------------------------
+
+
+def test_no_fold_ever_sees_its_own_queries():
+    rng = np.random.default_rng(0)
+    n_q, per_q = 40, 10
+    q = np.repeat(rng.permutation(1000)[:n_q], per_q)
+    secret = {qq: int(rng.integers(2)) for qq in np.unique(q)}  # a query's label, learnable only from its id
+    y = np.array([secret[qq] for qq in q], np.float64)
+    X = pd.DataFrame({"query_id": q.astype(np.float32), "noise": rng.normal(size=len(q)).astype(np.float32)})
+    rp = RerankParams(folds=5, seed=1)
+    rp.lgbm.min_data_in_leaf = 5
+    rp.lgbm.num_boost_round = 200
+    result = rerank.fit_oof(X, y, q, {"test": X.iloc[:30]}, rp)
+
+    everything = set(np.unique(q).tolist())
+    held_once = []
+    for fold in result.folds:
+        held, fit, es = set(fold["held_out"]), set(fold["fit"]), set(fold["early_stopping"])
+        assert not held & fit and not held & es and not fit & es
+        assert held | fit | es == everything
+        held_once += fold["held_out"]
+    assert sorted(held_once) == sorted(everything)  # each query held out exactly once
+    fold_of = rerank.query_folds(q, 5, 1)
+    assert all(len(set(fold_of[q == qq])) == 1 for qq in everything)  # a query never spans folds
+    assert not np.isnan(result.oof).any() and len(result.tests["test"]) == 30
+
+    # A leak would show: in-sample the boosters learn each query's label from its id, out of fold they cannot.
+    in_sample = np.mean([((b.predict(X) > 0.5) == y).mean() for b in result.boosters])
+    out_of_fold = ((result.oof > 0.5) == y).mean()
+    assert in_sample > 0.75 and out_of_fold < 0.7, (in_sample, out_of_fold)
+
+
+# --- champion alias ----------------------------------------------------------------------------------
+
+
+def test_champion_moves_only_on_improvement(tmp_path):
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    client = mlflow.MlflowClient()
+    name = "mmrecall-ranker-test"
+    client.create_registered_model(name)
+    src = tmp_path / "model"
+    src.mkdir()
+
+    def new_version(score: float) -> str:
+        mv = client.create_model_version(name, source=str(src))
+        client.set_model_version_tag(name, mv.version, register.HONEST, f"{score:.6f}")
+        return mv.version
+
+    decisions = []
+    for score in (0.70, 0.65, 0.70, 0.72):
+        version = new_version(score)
+        decisions.append((version, register.promote_if_better(client, name, "champion", version, score)["moved"]))
+    assert [moved for _, moved in decisions] == [True, False, False, True]  # first, worse, equal, better
+    assert client.get_model_version_by_alias(name, "champion").version == decisions[-1][0]
+    assert "not promoted" in client.get_model_version(name, decisions[1][0]).tags["champion_decision"]
+
+
+# --- the registered model end to end ---------------------------------------------------------------
+
+TINY_MCAN = dict(hidden=32, heads=4, ff=64, layers=1, flat_mlp=32, flat_out=32, img_mlp=64, dropout=0.0,
+                 train_word_embeddings=False, feature_norm=True, pretrained=False)
+
+
+@pytest.fixture(scope="module")
+def ranker_repo(tmp_path_factory, micro_data):
+    """Micro data prepared, two random-weight tiny MCAN members scored, the re-ranker fitted."""
+    import shutil
+
+    import torch
+
+    root = tmp_path_factory.mktemp("ranker")
+    shutil.copytree(micro_data, root / "data")
+    old = Path.cwd()
+    os.chdir(root)
+    try:
+        params = {"prepare": {"workers": 1}, "train": {"models": ["mcan"], "seeds": [1, 2]},
+                  "rerank": {"members": None, "folds": 4, "pca_dims": 2,
+                             "lgbm": {"min_data_in_leaf": 5, "num_boost_round": 50, "early_stopping_rounds": 10}},
+                  "smooth": {"members": None}}
+        (root / "params.yaml").write_text(yaml.safe_dump(params))
+        for split in ("train", "valid", "testA"):
+            prepare.main(["--split", split, "--no-progress"])
+        p = load_params()
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            cfg = MCANConfig(**TINY_MCAN)
+            path = members.checkpoint_path(f"mcan-seed{seed}")
+            save_member(path, "mcan", cfg, MCAN.from_config(cfg).eval(),
+                        {"seed": seed, "train": {"max_query_len": 16, "max_boxes": 10, "eval_batch_size": 128}})
+            m = members.load(path)
+            for split in ("valid", "testA"):
+                table, fused = members.score(m, FeatureStore.open(Path("features") / split))
+                out = Path("outputs") / f"mcan-seed{seed}"
+                out.mkdir(parents=True, exist_ok=True)
+                table.to_parquet(out / f"{split}.parquet", index=False)
+                np.save(out / f"{split}_fused.npy", fused)
+        report = rerank.run_stage(p, progress=False)
+        yield root, p, report
+    finally:
+        os.chdir(old)
+
+
+@pytest.fixture
+def in_repo(ranker_repo, monkeypatch):
+    monkeypatch.chdir(ranker_repo[0])
+    return ranker_repo
+
+
+@pytest.mark.slow
+def test_rerank_outputs_and_ranker_reproduces_them(in_repo):
+    root, params, report = in_repo
+    spec = json.loads((root / "models" / "rerank" / "spec.json").read_text())
+    assert spec["members"] == ["mcan-seed1", "mcan-seed2"] and len(list((root / "models" / "rerank").glob("booster_fold*.txt"))) == 4
+    assert 0 <= report["rerank"]["valid"]["ndcg_at_5"] <= 1
+    ranker = Ranker.load({"rerank": "models/rerank", **{f"member.{m}": str(members.checkpoint_path(m)) for m in spec["members"]}})
+    table = read_candidates(root / "data" / "testA" / "testA.tsv")
+    scores = ranker.score(table)
+    expected = pd.read_parquet(root / "outputs" / "rerank" / "testA.parquet").score.to_numpy()
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-6)  # the pyfunc path = the stage's path
+
+
+def test_malformed_candidate_table_gives_a_clear_error(micro_data, tmp_path):
+    table = read_candidates(micro_data / "valid" / "valid.tsv", nrows=4)
+    bad = table.copy()
+    bad.loc[2, "features"] = bad.loc[2, "features"][:-8] + "!!!!!!!!"
+    with pytest.raises(CandidateTableError, match=r"row 2 .*bad_base64 \(features"):
+        candidate_store(bad, tmp_path / "a")
+    short = table.copy()
+    short.loc[1, "num_boxes"] = short.loc[1, "num_boxes"] + 1
+    with pytest.raises(CandidateTableError, match=r"row 1 .*length_mismatch"):
+        candidate_store(short, tmp_path / "b")
+    with pytest.raises(CandidateTableError, match=r"missing column\(s\) \['features'\]"):
+        candidate_store(table.drop(columns=["features"]), tmp_path / "c")
+    tabbed = table.copy()
+    tabbed.loc[3, "query"] = "red\tdress"
+    with pytest.raises(CandidateTableError, match=r"row 3, column 'query'"):
+        candidate_store(tabbed, tmp_path / "d")
+
+
+def test_smoothed_store_keeps_rows_and_changes_features(micro_data, tmp_path):
+    table = read_candidates(micro_data / "valid" / "valid.tsv", nrows=60)
+    store = candidate_store(table, tmp_path)  # the pyfunc's decoding = prepare's
+    assert store.rows.product_id.tolist() == table.product_id.tolist()
+    smooth = smoothed_store(store, SmoothParams())
+    assert smooth.rows is store.rows or smooth.rows.equals(store.rows)
+    assert smooth.features.shape == store.features.shape and not np.array_equal(smooth.features, store.features)
+    np.testing.assert_array_equal(smooth.boxes, store.boxes)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_register_predict_cli_and_serve(in_repo, tmp_path, mlflow_store):
+    root, params, _ = in_repo
+    first = register.run_stage(params)
+    assert first["moved"] and first["champion"] == first["version"]
+    client = mlflow.MlflowClient()
+    tags = client.get_model_version(params.register.name, first["version"]).tags
+    assert tags["ndcg_at_5_valid_oof"] and "ndcg_at_5_testA" in tags and "data_md5" in tags
+    second = register.run_stage(params)  # the same model again: not better, the alias stays
+    assert not second["moved"] and second["champion"] == first["version"]
+
+    # The predict stage: submission.csv through models:/mmrecall-ranker@champion.
+    out = predict.run_stage(params)
+    sub = pd.read_csv(root / "submission.csv")
+    assert list(sub.columns) == ["query-id", "product1", "product2", "product3", "product4", "product5"]
+    assert len(sub) == out["testA"]["queries"] and 0 <= out["testA"]["ndcg_at_5_pp"] <= 1
+
+    # `mlflow models predict` on a small candidate file (two whole queries).
+    table = read_candidates(root / "data" / "testA" / "testA.tsv")
+    small = table[table.query_id.isin(table.query_id.unique()[:2])]
+    small.to_csv(tmp_path / "candidates.csv", index=False)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    uri = f"models:/{params.register.name}@champion"
+    cli = subprocess.run(["mlflow", "models", "predict", "-m", uri, "-i", str(tmp_path / "candidates.csv"), "-t", "csv",
+                          "-o", str(tmp_path / "pred.json"), "--env-manager", "local"], env=env, capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    got = [row["score"] for row in json.loads((tmp_path / "pred.json").read_text())["predictions"]]
+    expected = mlflow.pyfunc.load_model(uri).predict(small)["score"].to_numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+    # `mlflow models serve` answers the same rows over REST on localhost.
+    port = _free_port()
+    server = subprocess.Popen(["mlflow", "models", "serve", "-m", uri, "-p", str(port), "-h", "127.0.0.1",
+                               "--env-manager", "local"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        body = json.dumps({"dataframe_split": json.loads(small.to_json(orient="split", index=False))}).encode()
+        deadline = time.time() + 120
+        while True:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=60) as resp:
+                    served = [row["score"] for row in json.loads(resp.read())["predictions"]]
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(1)
+        np.testing.assert_allclose(served, expected, rtol=1e-5)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
