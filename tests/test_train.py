@@ -9,7 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mmrecall import prepare, train
+import torch
+
+from mmrecall import members, prepare, train
 from mmrecall.config import load_params
 
 TINY = {
@@ -46,8 +48,9 @@ def test_member_outputs_and_runs(workdir):
     assert len(table) == len(fused) and fused.shape[1] == 4 * 32
     assert 0 <= result["valid"]["ndcg_at_5"] <= 1 and "testA" in result
     assert json.loads((workdir / "metrics" / "train" / "mcan-seed3.json").read_text())["valid"] == result["valid"]
-    name, model, blob = train.load_member(workdir / "models" / "mcan" / "seed3" / "model.pt")
-    assert name == "mcan" and blob["seed"] == 3 and blob["best_step"] in (2, 4, 6)
+    member = members.load(workdir / "models" / "mcan" / "seed3" / "model.pt")
+    blob = torch.load(workdir / "models" / "mcan" / "seed3" / "model.pt", weights_only=False)
+    assert member.name == "mcan" and blob["seed"] == 3 and blob["best_step"] in (2, 4, 6)
     assert not (workdir / "checkpoints" / "mcan-seed3").exists()  # nothing left to resume
 
     runs = mlflow.search_runs(experiment_names=["mmrecall"])

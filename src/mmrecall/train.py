@@ -74,16 +74,6 @@ def save_member(path: Path, name: str, cfg, model: nn.Module, extra: dict) -> No
     torch.save({"model": name, "config": dataclasses.asdict(cfg), "state_dict": model.state_dict(), **extra}, path)
 
 
-def load_member(path: str | Path) -> tuple[str, nn.Module, dict]:
-    """(model name, the model in eval mode with its trained weights, the saved extras)."""
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    name = blob["model"]
-    cfg = MODELS[name][1](**{**blob["config"], "pretrained": False})  # the weights come from the file
-    model = MODELS[name][0].from_config(cfg)
-    model.load_state_dict(blob["state_dict"])
-    return name, model.eval(), blob
-
-
 # --- data ----------------------------------------------------------------------------------------
 
 
