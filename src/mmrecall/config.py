@@ -181,6 +181,9 @@ class TuneParams:
         if not out:
             raise ParamsError("tune.space is empty")
         return out
+
+
+@dataclass
 class SmoothParams:
     """KNN smoothing of box features within a query's pool (solo team, spec §4.4)."""
 
