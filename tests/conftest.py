@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,10 +43,14 @@ def micro_copy(micro_data, tmp_path) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def mlflow_store(tmp_path, monkeypatch) -> str:
+def mlflow_store(tmp_path, monkeypatch) -> Iterator[str]:
     """Every test logs into its own sqlite store, never the repo's mlflow.db."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME"):
+    leaky = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME")
+    for var in leaky:
         monkeypatch.delenv(var, raising=False)
-    return uri
+    yield uri
+    # `mlflow.set_experiment` exports MLFLOW_EXPERIMENT_ID; monkeypatch only restores what it removed.
+    for var in leaky:
+        os.environ.pop(var, None)

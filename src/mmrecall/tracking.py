@@ -28,6 +28,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 import mlflow  # noqa: E402
 import yaml  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 
 from .config import repo_root  # noqa: E402
 
@@ -73,14 +74,23 @@ def run_name(model: str, seed: int | None = None) -> str:
     return model if seed is None else f"{model}-seed{seed}"
 
 
+def _experiment_exists(experiment_id: str) -> bool:
+    try:
+        return mlflow.get_experiment(experiment_id) is not None  # (also creates a fresh store's schema)
+    except MlflowException:
+        return False
+
+
 def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
     """Point MLflow at the project store and create the experiment once; return its id."""
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     with store_lock(uri):  # parallel first uses of a fresh sqlite store race on schema + experiment creation
-        if os.environ.get("MLFLOW_EXPERIMENT_ID"):  # inside `mlflow run`: keep the project's experiment
-            mlflow.get_experiment(os.environ["MLFLOW_EXPERIMENT_ID"])  # (creates the schema under the lock)
-            return os.environ["MLFLOW_EXPERIMENT_ID"]
+        # Inside `mlflow run` (or after an earlier `set_experiment`, which exports the same variable)
+        # keep that experiment, but only if it lives in this store: a stale id from another store is ignored.
+        env_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
+        if env_id and _experiment_exists(env_id):
+            return env_id
         found = mlflow.get_experiment_by_name(experiment)
         exp_id = found.experiment_id if found else mlflow.create_experiment(experiment)
     mlflow.set_experiment(experiment_id=exp_id)
