@@ -9,7 +9,6 @@ its centred image vector.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -23,6 +22,7 @@ from tqdm import tqdm
 from . import tracking
 from .config import BaselineParams, Params, flatten, load_params, to_dict
 from .evaluate import eval_stores, flat_metrics, model_report
+from .metrics import write_metrics
 from .store import FeatureStore
 from .text import words
 from .tsv import FEATURE_DIM
@@ -90,9 +90,7 @@ def run(params: Params, progress: bool = True) -> dict:
         mlflow.log_metrics(flat_metrics(report))
         mlflow.log_metric("vocab_size", len(model.vocab))
         report["mlflow_run_id"] = run.info.run_id
-    metrics_dir = Path(params.data.metrics)
-    metrics_dir.mkdir(parents=True, exist_ok=True)
-    (metrics_dir / f"{name}.json").write_text(json.dumps({k: v for k, v in report.items() if k != "mlflow_run_id"}, indent=2) + "\n")
+    write_metrics(params.data.metrics, name, report)
     return report
 
 

@@ -10,7 +10,6 @@ Two modes, one entry point:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pandas as pd
 
 from . import postprocess
 from .config import Params, PostprocessParams, load_params
-from .metrics import METRIC, evaluate_scores, ndcg_at_5, read_score_table, read_submission
+from .metrics import METRIC, evaluate_scores, ndcg_at_5, read_score_table, read_submission, write_metrics
 from .store import FeatureStore, load_answers
 from .tracking import run_name as tracking_name
 
@@ -93,9 +92,7 @@ def run_stage(params: Params) -> dict:
         if not tables:
             raise FileNotFoundError(f"{folder}: no score tables for model {model!r} (named in params evaluate.models)")
         summary[model] = model_report(tables, params, stores)
-    metrics_dir = Path(params.data.metrics)
-    metrics_dir.mkdir(parents=True, exist_ok=True)
-    (metrics_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_metrics(params.data.metrics, "summary", summary)
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text(
         "# NDCG@5 per model\n\nRaw ranking and after the post-processing switched on in params "

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -130,3 +131,14 @@ def write_submission(rankings: Mapping[int, list[int]], path: str | Path, querie
         f.write(",".join(SUBMISSION_HEADER) + "\n")
         for q in sorted(rankings):
             f.write(",".join(str(x) for x in [q, *rankings[q][:K]]) + "\n")
+
+
+def write_metrics(metrics_dir: str | Path, name: str, report: Mapping) -> Path:
+    """Write a stage's DVC metrics file `<metrics_dir>/<name>.json` (name may hold a subfolder).
+
+    The MLflow run id is left out: it changes on every run and would make `dvc metrics diff` noisy.
+    """
+    path = Path(metrics_dir) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({k: v for k, v in report.items() if k != "mlflow_run_id"}, indent=2) + "\n")
+    return path

@@ -21,7 +21,7 @@ import pandas as pd
 from . import postprocess, tracking
 from .config import Params, load_params
 from .evaluate import candidate_counts, eval_stores
-from .metrics import METRIC, evaluate_scores, ndcg_at_5, rank, read_submission, write_submission
+from .metrics import METRIC, evaluate_scores, ndcg_at_5, rank, read_submission, write_metrics, write_submission
 from .ranker import read_candidates
 
 
@@ -60,9 +60,7 @@ def run_stage(params: Params) -> dict:
             entry[f"{METRIC}_pp"] = round(ndcg_at_5(read_submission(path), answers), 6)  # the file, read back
         report[split] = entry
     report["seconds"] = round(time.perf_counter() - started, 1)
-    metrics = Path(params.data.metrics) / "predict.json"
-    metrics.parent.mkdir(parents=True, exist_ok=True)
-    metrics.write_text(json.dumps(report, indent=2) + "\n")
+    write_metrics(params.data.metrics, "predict", report)
     return report
 
 

@@ -27,7 +27,7 @@ from . import members as members_mod
 from . import tracking
 from .backbone import backbone_path
 from .config import Params, flatten, load_params, to_dict
-from .metrics import METRIC
+from .metrics import METRIC, write_metrics
 from .ranker import MEMBER_PREFIX, read_candidates
 from .rerank import MODEL_DIR, SPEC
 
@@ -137,9 +137,7 @@ def run_stage(params: Params, rerank_dir: Path = MODEL_DIR) -> dict:
     decision = promote_if_better(client, rp.name, rp.alias, version_, score)
     report = {"name": rp.name, "version": version_, HONEST: score, "alias": rp.alias, **decision,
               "model_uri": f"models:/{rp.name}/{version_}", "seconds": round(time.perf_counter() - started, 1)}
-    path = Path(params.data.metrics) / "register.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_metrics(params.data.metrics, "register", report)
     return report
 
 

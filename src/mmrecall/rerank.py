@@ -38,7 +38,7 @@ import pandas as pd
 from . import members as members_mod
 from .config import Params, RerankParams, flatten, load_params, to_dict
 from .evaluate import candidate_counts, eval_stores, model_report
-from .metrics import K, METRIC
+from .metrics import K, METRIC, write_metrics
 from .smoothing import SUFFIX, smoothed_folder
 from .store import FeatureStore
 from .text import words
@@ -389,9 +389,7 @@ def run_stage(params: Params, progress: bool = True) -> dict:
                 for m, v in vals.items()}
         mlflow.log_metrics({METRIC: report[key]["valid"][METRIC], **flat, "seconds": report["seconds"]})
         mlflow.log_dict(report, "rerank.json")
-    path = Path(params.data.metrics) / "rerank.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_metrics(params.data.metrics, "rerank", report)
     return report
 
 

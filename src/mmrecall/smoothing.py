@@ -27,6 +27,7 @@ import faiss
 import numpy as np
 
 from .config import SmoothParams, load_params
+from .metrics import write_metrics
 from .store import FeatureStore
 
 SMOOTHED = "smoothed"  # outputs/smoothed/<member>/ holds a member's scores on smoothed boxes (the stage's out)
@@ -123,9 +124,7 @@ def run_stage(params, progress: bool = True) -> dict:
         report[member] = {"seconds": round(time.perf_counter() - t0, 1), **model_report(tables, params, stores)}
         if progress:
             print(f"smooth {member}: {json.dumps(report[member])}", file=sys.stderr)
-    path = Path(params.data.metrics) / "smooth.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_metrics(params.data.metrics, "smooth", report)
     return report
 
 

@@ -22,7 +22,7 @@ import pandas as pd
 from .config import Params, load_params
 from .evaluate import eval_stores, model_report
 from .members import member_names
-from .metrics import METRIC, read_score_table
+from .metrics import METRIC, read_score_table, write_metrics
 from .smoothing import SUFFIX, smoothed_folder
 
 REPORT = Path("reports") / "stage2.md"
@@ -138,9 +138,7 @@ def run_stage(params: Params) -> dict:
         (PLOTS / key).mkdir(parents=True, exist_ok=True)
     summary = collect(params)
     write_plots(params)
-    path = Path(params.data.metrics) / "stage2.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+    write_metrics(params.data.metrics, "stage2", summary)
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text("# Ranker: members, ensemble, re-ranker, smoothing, post-processing\n\n"
                       "NDCG@5; valid of the re-ranker rows is out-of-fold (honest); testA answers are synthetic.\n\n"

@@ -45,7 +45,7 @@ from .config import Params, TrainParams, flatten, load_params, to_dict
 from .evaluate import eval_stores, flat_metrics, model_report
 from .losses import focal_loss_with_logits, sine_wave_scheduler
 from .mcan import MCAN, MCANConfig
-from .metrics import METRIC, evaluate_scores
+from .metrics import METRIC, evaluate_scores, write_metrics
 from .sampler import HardNegativeSampler, build_pools, group_queries
 from .store import FeatureStore
 from .two_tower import TwoTower, TwoTowerConfig
@@ -348,9 +348,7 @@ def fit(
     update_parent(parent_id)
     result = {**report, "best_step": best_step, "steps": tp.steps, "train_seconds": round(seconds, 1),
               "samples_per_s": round(module.samples_seen / max(seconds, 1e-9), 1), "mlflow_run_id": run_id}
-    metrics_path = Path(params.data.metrics) / "train" / f"{member}.json"
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps({k: v for k, v in result.items() if k != "mlflow_run_id"}, indent=2) + "\n")
+    write_metrics(params.data.metrics, f"train/{member}", result)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: nothing to resume
     return result
 

@@ -41,7 +41,7 @@ from lightning.pytorch.callbacks import Callback
 from optuna.trial import TrialState
 
 from . import tracking, train
-from .config import Params, TuneParams, flatten, load_params, repo_root, to_dict, with_model_values
+from .config import Params, flatten, load_params, repo_root, to_dict, with_model_values
 from .metrics import METRIC
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
