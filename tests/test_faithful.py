@@ -38,6 +38,8 @@ def test_apply_keeps_comments_and_sets_the_original_sizes(faithful):
     assert (tp.batch_size, tp.lr, tp.negatives, tp.random_negatives, tp.max_boxes) == (64, 1e-5, 10, 0.0, 30)
     assert tp.mcan["backbone"] == "roberta-large" and tp.mcan["layers"] == 12 and tp.mcan["hidden"] == 1024
     assert tp.visualbert["backbone"] == "bert-large-uncased"
+    # the CPU default freezes the word embeddings; the original fine-tuned them in every model
+    assert all(getattr(tp, m)["train_word_embeddings"] for m in ("mcan", "visualbert", "two_tower"))
     two = tp.for_model("two_tower")
     assert (two.batch_size, two.lr, two.weight_decay, two.two_tower["hidden"]) == (512, 2e-5, 0.0, 768)
     assert tp.for_model("visualbert").lr == 1e-5  # the CPU overrides are replaced, not kept

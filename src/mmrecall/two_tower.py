@@ -36,6 +36,7 @@ class TwoTowerConfig:
     heads: int | None = None
     ff: int | None = None
     init_text_from_backbone: bool = False  # the original trained both towers from scratch
+    train_word_embeddings: bool = True  # text tower; freezing (with init_text_from_backbone) saves ~20 % of a CPU step
     feature_norm: bool = False  # LayerNorm on the 2048-d ROI features (see image_input.feature_norm)
     backbone: str = SHIPPED  # tokenizer / architecture; its weights only if init_text_from_backbone
     loss: str = "bce"  # bce: the solo team's; softmax: InfoNCE on cosine / temperature
@@ -79,6 +80,7 @@ class TwoTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.text_tower = text_tower
+        text_tower.embeddings.word_embeddings.weight.requires_grad_(cfg.train_word_embeddings)
         image_tower = build_encoder(copy.deepcopy(text_tower.config))
         self.image_config = image_tower.config
         hidden = self.image_config.hidden_size

@@ -1,6 +1,7 @@
 """VisualBERT as used by the 1st-place team: one BERT over [text tokens ; image tokens].
 
-Image tokens are Linear(2054 -> H) of [2048 feature | 6 box]; token type 0 for text, 1 for image;
+Image tokens are Linear(2054 -> H) of [2048 feature | 6 box] in the original; here the shared image input
+appends a trainable class-label embedding (label_dim, 0 = the original 2054); token type 0 for text, 1 for image;
 positions run on from the text into the image; the backbone's embedding LayerNorm + dropout and its
 encoder do the rest. The final hidden state at [CLS] (no pooler) -> MLP -> logit.
 
@@ -18,7 +19,10 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from .backbone import SHIPPED, load_pretrained_encoder
-from .image_input import BOX_DIM, FEAT_DIM, RankerOutput, feature_norm, on_real_boxes
+from .image_input import NUM_LABELS, ImageInput, RankerOutput, on_real_boxes
+
+
+POOLS = ("cls", "mean", "pair")
 
 
 @dataclass
@@ -27,11 +31,16 @@ class VisualBERTConfig:
     backbone_layers: int | None = None  # None = every layer of the backbone
     pretrained: bool = True
     feature_norm: bool = False  # LayerNorm on the 2048-d box features (see image_input.feature_norm)
-    pool: str = "cls"  # cls: the final [CLS] state (the original); mean: the mean over real tokens
+    train_word_embeddings: bool = True  # the original fine-tuned them; freezing saves ~20 % of a CPU step
+    label_dim: int = 32  # trainable detector-class embedding per box (0: none, the original's 2054-d input)
+    num_labels: int = NUM_LABELS
+    # cls: the final [CLS] state (the original); mean: the mean over real tokens; pair: the means over the
+    # text and over the image tokens, fused as concat[t, v, t*v, |t-v|] (the MCAN head's form)
+    pool: str = "cls"
 
     def __post_init__(self):
-        if self.pool not in ("cls", "mean"):
-            raise ValueError(f"visualbert pool must be 'cls' or 'mean', got {self.pool!r}")
+        if self.pool not in POOLS:
+            raise ValueError(f"visualbert pool must be one of {POOLS}, got {self.pool!r}")
 
 
 def _ensure_two_token_types(bert: PreTrainedModel) -> None:
@@ -46,19 +55,26 @@ def _ensure_two_token_types(bert: PreTrainedModel) -> None:
     bert.config.type_vocab_size = 2
 
 
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of x (B, L, H) over the positions where mask (B, L) is True -> (B, H)."""
+    weight = mask.unsqueeze(-1).to(x.dtype)  # (B, L, 1)
+    return (x * weight).sum(1) / weight.sum(1).clamp(min=1)
+
+
 class VisualBERT(nn.Module):
     def __init__(self, cfg: VisualBERTConfig, bert: PreTrainedModel):
         super().__init__()
         self.cfg = cfg
         bert.pooler = None  # the [CLS] hidden state is used as is
         _ensure_two_token_types(bert)
+        bert.embeddings.word_embeddings.weight.requires_grad_(cfg.train_word_embeddings)
         self.bert = bert
         hidden = bert.config.hidden_size
         # RoBERTa numbers positions from padding_idx + 1; BERT from 0.
         self.position_offset = getattr(bert.embeddings, "padding_idx", -1) + 1
-        self.feature_norm = feature_norm(cfg.feature_norm)
-        self.img_proj = nn.Linear(FEAT_DIM + BOX_DIM, hidden)
-        self.head = nn.Sequential(nn.Linear(hidden, hidden // 2), nn.ReLU(), nn.Linear(hidden // 2, 1))
+        self.image_input = ImageInput(cfg.label_dim, cfg.num_labels, cfg.feature_norm)
+        self.img_proj = nn.Linear(self.image_input.out_dim, hidden)
+        self.head = nn.Sequential(nn.Linear(self.fused_dim, hidden // 2), nn.ReLU(), nn.Linear(hidden // 2, 1))
 
     @classmethod
     def from_config(cls, cfg: VisualBERTConfig) -> VisualBERT:
@@ -66,7 +82,7 @@ class VisualBERT(nn.Module):
 
     @property
     def fused_dim(self) -> int:
-        return self.bert.config.hidden_size
+        return self.bert.config.hidden_size * (4 if self.cfg.pool == "pair" else 1)
 
     def pretrained_parameters(self) -> list[nn.Parameter]:
         return list(self.bert.parameters()) if self.cfg.pretrained else []
@@ -74,7 +90,8 @@ class VisualBERT(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> RankerOutput:
         text_mask, img_mask = batch["attention_mask"].bool(), batch["img_mask"].bool()
         text = self.bert.embeddings.word_embeddings(batch["input_ids"])  # (B, T, H)
-        img = on_real_boxes(self.img_proj, torch.cat([self.feature_norm(batch["img_feat"]), batch["img_box"]], dim=-1), img_mask)  # (B, N, H)
+        img = self.image_input(batch["img_feat"], batch["img_box"], batch["img_label"])  # (B, N, 2054 + label_dim)
+        img = on_real_boxes(self.img_proj, img, img_mask)  # (B, N, H)
         mask = torch.cat([text_mask, img_mask], dim=1)  # (B, T + N)
         token_type = torch.cat([torch.zeros_like(text_mask), torch.ones_like(img_mask)], dim=1).long()
         position = mask.long().cumsum(1) - 1 + self.position_offset
@@ -87,8 +104,11 @@ class VisualBERT(nn.Module):
             position_ids=position,
         ).last_hidden_state  # (B, T + N, H)
         if self.cfg.pool == "mean":
-            weight = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T + N, 1)
-            pooled = (hidden * weight).sum(1) / weight.sum(1).clamp(min=1)  # (B, H)
+            pooled = _masked_mean(hidden, mask)  # (B, H)
+        elif self.cfg.pool == "pair":
+            t = _masked_mean(hidden[:, : text.shape[1]], text_mask)  # (B, H)
+            v = _masked_mean(hidden[:, text.shape[1] :], img_mask)  # (B, H)
+            pooled = torch.cat([t, v, t * v, (t - v).abs()], dim=-1)  # (B, 4H)
         else:
             pooled = hidden[:, 0]  # (B, H), [CLS]
         return RankerOutput(logits=self.head(pooled).squeeze(-1), fused=pooled)
