@@ -3,7 +3,8 @@
 Image tokens are Linear(2054 -> H) of [2048 feature | 6 box] in the original; here the shared image input
 appends a trainable class-label embedding (label_dim, 0 = the original 2054); token type 0 for text, 1 for image;
 positions run on from the text into the image; the backbone's embedding LayerNorm + dropout and its
-encoder do the rest. The final hidden state at [CLS] (no pooler) -> MLP -> logit.
+encoder do the rest. The final hidden state at [CLS] (no pooler) -> MLP -> logit (`pool: cls`; the CPU
+config uses `pool: pair`, which gives the head an explicit text x image product to learn from).
 
 Positions count real tokens only, so image positions start right after the last real text token.
 With unpadded text this is the original numbering; with padded text it keeps the score independent of
