@@ -20,20 +20,8 @@ from torch import nn
 from .backbone import load_tokenizer
 from .batching import EvalBatches
 from .store import FeatureStore
-from .tracking import run_name
 
 TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
-
-
-def member_names(params, chosen: list[str] | None = None) -> list[str]:
-    """Members named by `chosen`: `<model>-seed<k>` as is, a bare model name = that model x train.seeds;
-    None or empty = every train member (train.models x train.seeds)."""
-    if not chosen:
-        return [run_name(m, s) for m in params.train.models for s in params.train.seeds]
-    out = []
-    for entry in chosen:
-        out += [entry] if "-seed" in entry else [run_name(entry, s) for s in params.train.seeds]
-    return out
 
 
 def checkpoint_path(member: str, models_dir: str | Path = "models") -> Path:

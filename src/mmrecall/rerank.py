@@ -35,7 +35,7 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
-from . import members as members_mod
+from . import tracking
 from .config import Params, RerankParams, flatten, load_params, to_dict
 from .evaluate import candidate_counts, eval_stores, model_report
 from .metrics import K, METRIC, write_metrics
@@ -292,7 +292,7 @@ class Variant:
 
 def fit_variant(params: Params, stores: dict[str, FeatureStore], counts: pd.Series, smoothing: bool) -> Variant:
     rp = params.rerank
-    names = members_mod.member_names(params, rp.members)
+    names = tracking.member_names(params, rp.members)
     outputs_dir = Path(params.data.outputs)
     folder = smoothed_folder if smoothing else str
     outs = {s: {m: read_member_outputs(outputs_dir, folder(m), s, st) for m in names} for s, st in stores.items()}
@@ -339,7 +339,6 @@ def save_model(variant: Variant, params: Params, counts: pd.Series, smoothing: b
 
 
 def run_stage(params: Params, progress: bool = True) -> dict:
-    from . import tracking
     import mlflow
 
     started = time.perf_counter()
@@ -347,7 +346,7 @@ def run_stage(params: Params, progress: bool = True) -> dict:
     if "valid" not in stores:
         raise FileNotFoundError(f"{params.data.features}/valid: the re-ranker is fitted on valid; run prepare first")
     counts = candidate_counts(stores)
-    names = members_mod.member_names(params, params.rerank.members)
+    names = tracking.member_names(params, params.rerank.members)
     outputs_dir = Path(params.data.outputs)
     have_knn = all((outputs_dir / smoothed_folder(m) / "valid.parquet").exists() for m in names)
     if params.rerank.smoothing and not have_knn:

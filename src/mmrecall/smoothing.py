@@ -101,7 +101,7 @@ def smoothed_store(store: FeatureStore, params: SmoothParams) -> FeatureStore:
 
 def run_stage(params, progress: bool = True) -> dict:
     """Re-score members on smoothed boxes; write outputs/smoothed/<member>/ and metrics/smooth.json."""
-    from . import members
+    from . import members, tracking
     from .evaluate import eval_stores, model_report
 
     stores = eval_stores(params)
@@ -111,7 +111,7 @@ def run_stage(params, progress: bool = True) -> dict:
     report: dict = {"smooth_seconds": round(smooth_seconds, 2)}
     outputs = Path(params.data.outputs)
     (outputs / SMOOTHED).mkdir(parents=True, exist_ok=True)
-    for member in members.member_names(params, params.smooth.members):
+    for member in tracking.member_names(params, params.smooth.members):
         t0 = time.perf_counter()
         loaded = members.load(members.checkpoint_path(member))
         tables = {}

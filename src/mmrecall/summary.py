@@ -21,9 +21,9 @@ import pandas as pd
 
 from .config import Params, load_params
 from .evaluate import eval_stores, model_report
-from .members import member_names
 from .metrics import METRIC, read_score_table, write_metrics
 from .smoothing import SUFFIX, smoothed_folder
+from .tracking import member_names
 
 REPORT = Path("reports") / "stage2.md"
 PLOTS = Path("plots")

@@ -74,6 +74,17 @@ def run_name(model: str, seed: int | None = None) -> str:
     return model if seed is None else f"{model}-seed{seed}"
 
 
+def member_names(params, chosen: list[str] | None = None) -> list[str]:
+    """Members named by `chosen`: `<model>-seed<k>` as is, a bare model name = that model x train.seeds;
+    None or empty = every train member (train.models x train.seeds)."""
+    if not chosen:
+        return [run_name(m, s) for m in params.train.models for s in params.train.seeds]
+    out = []
+    for entry in chosen:
+        out += [entry] if "-seed" in entry else [run_name(entry, s) for s in params.train.seeds]
+    return out
+
+
 def _experiment_exists(experiment_id: str) -> bool:
     try:
         return mlflow.get_experiment(experiment_id) is not None  # (also creates a fresh store's schema)
