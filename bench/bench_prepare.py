@@ -8,7 +8,7 @@ Methods, each run in its own subprocess (so its peak RSS is its own):
            decode + np.frombuffer + reshape of features/boxes/labels, np.concatenate, astype(float16);
 - floor:   a bare floor: stream lines in binary, split on tab, a2b_base64 the features field,
            np.frombuffer(...).astype(float16); no validation, nothing written;
-- prepare: `mmrecall.prepare.prepare_split` (validation on, the store written) with N workers.
+- prepare: `mmrecall.data.ingest.ingest_tsv` (validation on, the store written) with N workers.
 
 The TSV is generated once with the project's synth (train split, train_queries scaled to reach the
 size) under --workdir and reused. Results: a markdown table on stdout and in bench/results/prepare.md,
@@ -130,12 +130,12 @@ def run_floor(tsv: Path, out: Path, workers: int, chunk_bytes: int) -> int:
 
 def run_prepare(tsv: Path, out: Path, workers: int, chunk_bytes: int) -> int:
     from mmrecall.config import PrepareParams
-    from mmrecall.prepare import prepare_split
+    from mmrecall.data.ingest import ingest_tsv
 
     params = PrepareParams(workers=workers)
     if chunk_bytes:
         params.chunk_bytes = chunk_bytes
-    summary = prepare_split(tsv, out, params, progress=False)
+    summary = ingest_tsv(tsv, out, params, progress=False)
     return int(summary["rows_kept"])
 
 
@@ -177,7 +177,7 @@ def child_main(args: argparse.Namespace) -> int:
 def make_tsv(workdir: Path, size_gb: float) -> Path:
     """Generate (once) a synth train TSV of about size_gb GB; return its path."""
     from mmrecall.config import SynthParams
-    from mmrecall.synth import generate
+    from mmrecall.data.synth import generate
 
     queries = max(10, round(size_gb * 1e9 / BYTES_PER_TRAIN_QUERY))
     data = workdir / f"synth_{queries}q"

@@ -3,7 +3,8 @@
     .venv/bin/python bench/bench_train.py                    # every model in params.yaml, 60 steps each
     .venv/bin/python bench/bench_train.py --models mcan --steps 100
 
-Each model runs in its own subprocess (its peak RSS is its own): `train.fit(..., dry=True)` with the
+Each model runs in its own subprocess (its peak RSS is its own): training/fit.py's build_data, build_trainer
+and train (no outputs written) with the
 member's own settings from params.yaml (overrides included) except `steps` = `eval_every` = --steps,
 so a run is --steps optimizer steps and one valid evaluation at the end. A callback times the
 training steps alone (batch start to batch end: data, forward, backward, optimizer), so samples/s
@@ -25,15 +26,31 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+class StepTimer(L.Callback):
+    """Times the training steps alone (batch start to batch end) and counts the samples they scored."""
+
+    seconds, samples = 0.0, 0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.seconds += time.perf_counter() - self.started
+        self.samples += len(batch["pos"]["input_ids"]) * (2 if "neg" in batch else 1)
+
+
 def run_one(model: str, steps: int) -> dict:
-    import lightning as L
+    import tempfile
+
     import torch
 
-    from mmrecall import train
     from mmrecall.config import load_params
+    from mmrecall.training import fit
 
     params = load_params(ROOT / "params.yaml")
     overrides = dict(params.train.overrides)
@@ -41,19 +58,13 @@ def run_one(model: str, steps: int) -> dict:
     params.train.overrides = overrides
     tp = params.train.for_model(model)
 
-    class StepTimer(L.Callback):
-        seconds, samples = 0.0, 0
-
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            self.started = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            self.seconds += time.perf_counter() - self.started
-            self.samples += len(batch["pos"]["input_ids"]) * (2 if "neg" in batch else 1)
-
     timer = StepTimer()
     started = time.perf_counter()
-    result = train.fit(model, 1, params, progress=False, callbacks=[timer], dry=True)
+    setup = fit.build_data(model, 1, params)
+    with tempfile.TemporaryDirectory() as ckpt_dir:
+        trainer, best = fit.build_trainer(setup, Path(ckpt_dir), progress=False, callbacks=[timer])
+        fit.train(setup, trainer)
+        result = {"ndcg_at_5": float(best.best_model_score), "steps": trainer.global_step}
     wall = time.perf_counter() - started
     return {
         "model": model,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mmrecall.config import SynthParams
-from mmrecall.synth import generate
+from mmrecall.data.synth import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"

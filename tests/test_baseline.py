@@ -7,7 +7,8 @@ import json
 import mlflow
 import numpy as np
 
-from mmrecall import baseline, evaluate, metrics, prepare
+from mmrecall.ranking import evaluation, metrics
+from mmrecall.stages import baseline, prepare
 from mmrecall.config import load_params
 
 
@@ -24,7 +25,7 @@ def test_wordproto_run(micro_copy, monkeypatch, mlflow_store):
     answers = json.loads((micro_copy / "valid" / "valid_answer.json").read_text())
     assert set(valid.query_id) == {int(q) for q in answers}
     rng = np.random.default_rng(0)
-    chance = np.mean([metrics.evaluate_scores(valid.assign(score=rng.random(len(valid))), evaluate.eval_stores(params)["valid"].answers)
+    chance = np.mean([metrics.evaluate_scores(valid.assign(score=rng.random(len(valid))), evaluation.eval_stores(params)["valid"].answers)
                       for _ in range(5)])
     assert report["valid"]["ndcg_at_5"] > chance + 0.05
     assert report["valid"]["ndcg_at_5_pp"] >= report["valid"]["ndcg_at_5"] - 0.05

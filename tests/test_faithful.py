@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from mmrecall import prepare
-from mmrecall.backbone import load_tokenizer
-from mmrecall.batching import QueryTokens, image_batch
 from mmrecall.config import apply_overlay, load_params
-from mmrecall.losses import focal_loss_with_logits
-from mmrecall.store import FeatureStore
-from mmrecall.train import build_model, model_config
-from mmrecall.two_tower import in_batch_loss
+from mmrecall.data.batching import QueryTokens, image_batch
+from mmrecall.data.store import FeatureStore
+from mmrecall.models.backbone import load_tokenizer
+from mmrecall.models.registry import build_model, model_config
+from mmrecall.models.two_tower import in_batch_loss
+from mmrecall.stages import prepare
+from mmrecall.training.losses import focal_loss_with_logits
 
 from .conftest import ROOT
 

@@ -1,4 +1,4 @@
-"""Focal loss and the sine-wave warmup schedule against the formulas of spec §3.6."""
+"""Focal loss and the sine-wave warmup schedule against the 1st place's formulas."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmrecall.losses import focal_loss, focal_loss_with_logits, sine_wave_scheduler, sine_wave_warmup
+from mmrecall.training.losses import focal_loss, focal_loss_with_logits, sine_wave_scheduler, sine_wave_warmup
 
 
 def fl(p: float, y: int, alpha: float = 1.0, gamma: float = 2.0) -> float:

@@ -6,8 +6,9 @@ import math
 
 import pytest
 
-from mmrecall import evaluate, metrics, postprocess
-from mmrecall.store import load_answers
+from mmrecall.data.store import load_answers
+from mmrecall.ranking import metrics, postprocess
+from mmrecall.stages import evaluate
 
 from .conftest import FIXTURES
 

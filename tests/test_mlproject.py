@@ -40,7 +40,7 @@ def project(tmp_path) -> tuple[Path, dict]:
     """A fresh repository: the project's files with micro params, no data, no tracking store."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name in ("MLproject", "python_env.yaml", "dvc.yaml", ".gitignore", "src"):
+    for name in ("MLproject", "python_env.yaml", "dvc.yaml", ".gitignore", ".dvcignore", "src"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())

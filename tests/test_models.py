@@ -9,11 +9,31 @@ import torch
 import torch.nn.functional as F
 from transformers import RobertaConfig
 
-from mmrecall.backbone import build_encoder, load_pretrained_encoder, load_tokenizer, tiny_config
-from mmrecall.image_input import ImageInput, RankerOutput
-from mmrecall.mcan import MCAN, LayerNorm, MCANConfig
-from mmrecall.two_tower import TwoTower, TwoTowerConfig, in_batch_loss, in_batch_softmax_loss
-from mmrecall.visualbert import VisualBERT, VisualBERTConfig
+from mmrecall.models.backbone import build_encoder, load_pretrained_encoder, load_tokenizer, tiny_config
+from mmrecall.models.image_input import ImageInput, RankerOutput
+from mmrecall.models.mcan import MCAN, LayerNorm, MCANConfig
+from mmrecall.models.two_tower import TwoTower, TwoTowerConfig, in_batch_loss, in_batch_softmax_loss
+from mmrecall.models.visualbert import VisualBERT, VisualBERTConfig
+
+# The original architectures (the defaults are the CPU ones): what these tests were written against.
+ORIGINAL_MCAN = dict(hidden=1024, heads=16, ff=4096, layers=12, dropout=0.1, flat_mlp=512, flat_out=2048,
+                     feature_norm=False, img_mlp=None, train_word_embeddings=True)
+ORIGINAL_VISUALBERT = dict(backbone_layers=None, feature_norm=False, train_word_embeddings=True, pool="cls")
+ORIGINAL_TWO_TOWER = dict(hidden=None, layers=4, init_text_from_backbone=False, train_word_embeddings=True,
+                          feature_norm=False, loss="bce")
+
+
+def mcan_config(**kw) -> MCANConfig:
+    return MCANConfig(**{**ORIGINAL_MCAN, **kw})
+
+
+def visualbert_config(**kw) -> VisualBERTConfig:
+    return VisualBERTConfig(**{**ORIGINAL_VISUALBERT, **kw})
+
+
+def two_tower_config(**kw) -> TwoTowerConfig:
+    return TwoTowerConfig(**{**ORIGINAL_TWO_TOWER, **kw})
+
 
 QUERIES = ["a red dress for girls", "shoes", "bluetooth speaker with led light"]
 NUM_BOXES = [3, 5, 1]
@@ -37,17 +57,17 @@ def tiny_roberta_config() -> RobertaConfig:
     )
 
 
-TINY_MCAN = MCANConfig(hidden=32, heads=4, ff=64, layers=2, flat_mlp=16, flat_out=24)
+TINY_MCAN = mcan_config(hidden=32, heads=4, ff=64, layers=2, flat_mlp=16, flat_out=24)
 MODELS = {
     "mcan": lambda: MCAN(TINY_MCAN, build_encoder(tiny_config())),
-    "visualbert": lambda: VisualBERT(VisualBERTConfig(), build_encoder(tiny_config())),
-    "visualbert-roberta": lambda: VisualBERT(VisualBERTConfig(), build_encoder(tiny_roberta_config())),
-    "visualbert-mean": lambda: VisualBERT(VisualBERTConfig(pool="mean"), build_encoder(tiny_config())),
-    "visualbert-pair-frozen": lambda: VisualBERT(VisualBERTConfig(pool="pair", train_word_embeddings=False), build_encoder(tiny_config())),
-    "visualbert-nolabel": lambda: VisualBERT(VisualBERTConfig(label_dim=0), build_encoder(tiny_config())),
-    "two_tower": lambda: TwoTower(TwoTowerConfig(), build_encoder(tiny_config())),
-    "two_tower-softmax": lambda: TwoTower(TwoTowerConfig(loss="softmax", temperature=0.1), build_encoder(tiny_config())),
-    "two_tower-frozen": lambda: TwoTower(TwoTowerConfig(train_word_embeddings=False), build_encoder(tiny_config())),
+    "visualbert": lambda: VisualBERT(visualbert_config(), build_encoder(tiny_config())),
+    "visualbert-roberta": lambda: VisualBERT(visualbert_config(), build_encoder(tiny_roberta_config())),
+    "visualbert-mean": lambda: VisualBERT(visualbert_config(pool="mean"), build_encoder(tiny_config())),
+    "visualbert-pair-frozen": lambda: VisualBERT(visualbert_config(pool="pair", train_word_embeddings=False), build_encoder(tiny_config())),
+    "visualbert-nolabel": lambda: VisualBERT(visualbert_config(label_dim=0), build_encoder(tiny_config())),
+    "two_tower": lambda: TwoTower(two_tower_config(), build_encoder(tiny_config())),
+    "two_tower-softmax": lambda: TwoTower(two_tower_config(loss="softmax", temperature=0.1), build_encoder(tiny_config())),
+    "two_tower-frozen": lambda: TwoTower(two_tower_config(train_word_embeddings=False), build_encoder(tiny_config())),
 }
 
 
@@ -156,13 +176,13 @@ def test_mcan_layernorm_matches_formula():
 
 
 def test_faithful_mcan_size():
-    """Spec 3.3 sizes (H 1024, 16 heads, FF 4096, 12 + 12 blocks, roberta-large embeddings): about 450M."""
+    """The 1st place's sizes (H 1024, 16 heads, FF 4096, 12 + 12 blocks, roberta-large embeddings): about 450M."""
     roberta_large = RobertaConfig(
         vocab_size=50265, hidden_size=1024, num_hidden_layers=0, num_attention_heads=16,
         max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
     )
     with torch.device("meta"):
-        model = MCAN(MCANConfig(), build_encoder(roberta_large))
+        model = MCAN(mcan_config(), build_encoder(roberta_large))
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     H, FF = 1024, 4096
     mha, ffn, ln = 4 * (H * H + H), 2 * H * FF + FF + H, 2 * H
@@ -258,18 +278,18 @@ def test_shipped_minilm_loads_offline(tokenizer):
 def test_from_config(tokenizer):
     batch = make_batch(tokenizer)
     torch.manual_seed(0)
-    mcan_cfg = MCANConfig(hidden=32, heads=4, ff=64, layers=1, flat_mlp=16, flat_out=24, pretrained=False)
+    mcan_cfg = mcan_config(hidden=32, heads=4, ff=64, layers=1, flat_mlp=16, flat_out=24, pretrained=False)
     mcan = MCAN.from_config(mcan_cfg)
     assert mcan.lang_proj.in_features == 384
-    visualbert = VisualBERT.from_config(VisualBERTConfig(backbone_layers=1, pretrained=False))
+    visualbert = VisualBERT.from_config(visualbert_config(backbone_layers=1, pretrained=False))
     assert visualbert.fused_dim == 384 and len(visualbert.bert.encoder.layer) == 1
-    two_tower = TwoTower.from_config(TwoTowerConfig(hidden=32, layers=2, heads=4, ff=37))
+    two_tower = TwoTower.from_config(two_tower_config(hidden=32, layers=2, heads=4, ff=37))
     assert two_tower.fused_dim == 96 and len(two_tower.image_encoder.layer) == 2
     for model in (mcan, visualbert, two_tower):
         assert model.eval()(batch).fused.shape == (len(QUERIES), model.fused_dim)
 
-    pretrained = TwoTower.from_config(TwoTowerConfig(layers=1, init_text_from_backbone=True))
+    pretrained = TwoTower.from_config(two_tower_config(layers=1, init_text_from_backbone=True))
     shipped = load_pretrained_encoder("minilm", num_layers=1)
     torch.testing.assert_close(pretrained.text_tower.state_dict(), shipped.state_dict())
     with pytest.raises(ValueError):
-        TwoTower.from_config(TwoTowerConfig(hidden=32, layers=1, init_text_from_backbone=True))
+        TwoTower.from_config(two_tower_config(hidden=32, layers=1, init_text_from_backbone=True))

@@ -28,7 +28,7 @@ def repo(tmp_path, micro_data) -> tuple[Path, dict]:
     """A temp git + DVC repo with the project's pipeline files, micro params and the micro data."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name in ("dvc.yaml", ".gitignore", "src"):
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore", "src"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())

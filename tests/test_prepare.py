@@ -8,17 +8,18 @@ import csv
 import numpy as np
 import pandas as pd
 
-from mmrecall import prepare
 from mmrecall.config import PrepareParams
-from mmrecall.store import FeatureStore
-from mmrecall.tsv import HEADER
+from mmrecall.data.ingest import ingest_tsv
+from mmrecall.data.store import FeatureStore
+from mmrecall.data.tsv import HEADER
+from mmrecall.stages import prepare
 
 from .test_tsv import DEFECTS, row
 
 
 def test_store_round_trip(micro_data, tmp_path):
     tsv = micro_data / "valid" / "valid.tsv"
-    summary = prepare.prepare_split(tsv, tmp_path / "valid", PrepareParams(box_cap=3, workers=2, chunk_bytes=1 << 20),
+    summary = ingest_tsv(tsv, tmp_path / "valid", PrepareParams(box_cap=3, workers=2, chunk_bytes=1 << 20),
                                     answers=micro_data / "valid" / "valid_answer.json", progress=False)
     store = FeatureStore.open(tmp_path / "valid")
     raw = pd.read_csv(tsv, sep="\t", quoting=csv.QUOTE_NONE)
@@ -42,8 +43,8 @@ def test_max_boxes_filter_applies_to_train_only(micro_data, tmp_path):
     tsv = micro_data / "train" / "train.tsv"
     raw = pd.read_csv(tsv, sep="\t", quoting=csv.QUOTE_NONE, usecols=["num_boxes"])
     params = PrepareParams(max_boxes_filter=4, workers=1)
-    s_train = prepare.prepare_split(tsv, tmp_path / "a", params, train=True, progress=False)
-    s_eval = prepare.prepare_split(tsv, tmp_path / "b", params, train=False, progress=False)
+    s_train = ingest_tsv(tsv, tmp_path / "a", params, train=True, progress=False)
+    s_eval = ingest_tsv(tsv, tmp_path / "b", params, train=False, progress=False)
     assert s_train["rows_filtered_max_boxes"] == int((raw.num_boxes > 4).sum()) > 0
     assert s_train["rows_kept"] == int((raw.num_boxes <= 4).sum())
     assert s_eval["rows_kept"] == len(raw)
@@ -77,7 +78,7 @@ def test_spans_and_workers_do_not_change_the_store(tmp_path):
     path.write_text("\n".join(lines))
 
     def run(name, **kw):
-        prepare.prepare_split(path, tmp_path / name, PrepareParams(box_cap=5, **kw), progress=False)
+        ingest_tsv(path, tmp_path / name, PrepareParams(box_cap=5, **kw), progress=False)
         return FeatureStore.open(tmp_path / name), (tmp_path / name / "rejects.tsv").read_text()
 
     ref, ref_rejects = run("whole", workers=1)  # the whole file in one span

@@ -17,13 +17,14 @@ import pandas as pd
 import pytest
 import yaml
 
-from mmrecall import members, predict, prepare, register, rerank
+from mmrecall import tracking
 from mmrecall.config import RerankParams, SmoothParams, load_params
-from mmrecall.mcan import MCAN, MCANConfig
-from mmrecall.ranker import CandidateTableError, Ranker, candidate_store, read_candidates
-from mmrecall.smoothing import smooth_features, smooth_pool, smoothed_store
-from mmrecall.store import FeatureStore
-from mmrecall.train import save_member
+from mmrecall.data.store import FeatureStore
+from mmrecall.models.mcan import MCAN, MCANConfig
+from mmrecall.ranking import members, reranker
+from mmrecall.ranking.ranker import CandidateTableError, Ranker, candidate_store, read_candidates
+from mmrecall.ranking.smoothing import smooth_features, smooth_pool, smoothed_store
+from mmrecall.stages import predict, prepare, register, rerank
 
 # --- smoothing ---------------------------------------------------------------------------------------
 
@@ -72,7 +73,7 @@ def test_no_fold_ever_sees_its_own_queries():
     rp = RerankParams(folds=5, seed=1)
     rp.lgbm.min_data_in_leaf = 5
     rp.lgbm.num_boost_round = 200
-    result = rerank.fit_oof(X, y, q, {"test": X.iloc[:30]}, rp)
+    result = reranker.fit_oof(X, y, q, {"test": X.iloc[:30]}, rp)
 
     everything = set(np.unique(q).tolist())
     held_once = []
@@ -82,7 +83,7 @@ def test_no_fold_ever_sees_its_own_queries():
         assert held | fit | es == everything
         held_once += fold["held_out"]
     assert sorted(held_once) == sorted(everything)  # each query held out exactly once
-    fold_of = rerank.query_folds(q, 5, 1)
+    fold_of = reranker.query_folds(q, 5, 1)
     assert all(len(set(fold_of[q == qq])) == 1 for qq in everything)  # a query never spans folds
     assert not np.isnan(result.oof).any() and len(result.tests["test"]) == 30
 
@@ -111,7 +112,7 @@ def test_champion_moves_only_on_improvement(tmp_path):
     decisions = []
     for score in (0.70, 0.65, 0.70, 0.72):
         version = new_version(score)
-        decisions.append((version, register.promote_if_better(client, name, "champion", version, score)["moved"]))
+        decisions.append((version, tracking.promote_if_better(client, name, "champion", version, score, register.HONEST)["moved"]))
     assert [moved for _, moved in decisions] == [True, False, False, True]  # first, worse, equal, better
     assert client.get_model_version_by_alias(name, "champion").version == decisions[-1][0]
     assert "not promoted" in client.get_model_version(name, decisions[1][0]).tags["champion_decision"]
@@ -147,7 +148,7 @@ def ranker_repo(tmp_path_factory, micro_data):
             torch.manual_seed(seed)
             cfg = MCANConfig(**TINY_MCAN)
             path = members.checkpoint_path(f"mcan-seed{seed}")
-            save_member(path, "mcan", cfg, MCAN.from_config(cfg).eval(),
+            members.save(path, "mcan", cfg, MCAN.from_config(cfg).eval(),
                         {"seed": seed, "train": {"max_query_len": 16, "max_boxes": 10, "eval_batch_size": 128}})
             m = members.load(path)
             for split in ("valid", "testA"):
@@ -156,7 +157,7 @@ def ranker_repo(tmp_path_factory, micro_data):
                 out.mkdir(parents=True, exist_ok=True)
                 table.to_parquet(out / f"{split}.parquet", index=False)
                 np.save(out / f"{split}_fused.npy", fused)
-        report = rerank.run_stage(p, progress=False)
+        report = rerank.run(p)
         yield root, p, report
     finally:
         os.chdir(old)
@@ -218,16 +219,16 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_register_predict_cli_and_serve(in_repo, tmp_path, mlflow_store):
     root, params, _ = in_repo
-    first = register.run_stage(params)
+    first = register.run(params)
     assert first["moved"] and first["champion"] == first["version"]
     client = mlflow.MlflowClient()
     tags = client.get_model_version(params.register.name, first["version"]).tags
     assert tags["ndcg_at_5_valid_oof"] and "ndcg_at_5_testA" in tags and "data_md5" in tags
-    second = register.run_stage(params)  # the same model again: not better, the alias stays
+    second = register.run(params)  # the same model again: not better, the alias stays
     assert not second["moved"] and second["champion"] == first["version"]
 
     # The predict stage: submission.csv through models:/mmrecall-ranker@champion.
-    out = predict.run_stage(params)
+    out = predict.run(params)
     sub = pd.read_csv(root / "submission.csv")
     assert list(sub.columns) == ["query-id", "product1", "product2", "product3", "product4", "product5"]
     assert len(sub) == out["testA"]["queries"] and 0 <= out["testA"]["ndcg_at_5_pp"] <= 1

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 
 from mmrecall.config import SynthParams
-from mmrecall.synth import generate
-from mmrecall.tsv import COLUMNS
+from mmrecall.data.synth import generate
+from mmrecall.data.tsv import COLUMNS
 
 from .conftest import MICRO
 

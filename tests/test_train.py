@@ -11,7 +11,10 @@ import pytest
 
 import torch
 
-from mmrecall import members, prepare, train
+from mmrecall.ranking import members
+from mmrecall.stages import prepare
+from mmrecall.stages import train as train_stage
+from mmrecall.training import fit
 from mmrecall.config import load_params
 
 TINY = {
@@ -40,14 +43,13 @@ def workdir(micro_copy, monkeypatch):
 
 
 def test_member_outputs_and_runs(workdir):
-    params = load_params()
-    result = train.fit("mcan", 3, params, progress=False)
+    assert train_stage.main(["--model", "mcan", "--seed", "3", "--no-progress"]) == 0
+    result = json.loads((workdir / "metrics" / "train" / "mcan-seed3.json").read_text())
 
     table = pd.read_parquet(workdir / "outputs" / "mcan-seed3" / "valid.parquet")
     fused = np.load(workdir / "outputs" / "mcan-seed3" / "valid_fused.npy")
     assert len(table) == len(fused) and fused.shape[1] == 4 * 32
     assert 0 <= result["valid"]["ndcg_at_5"] <= 1 and "testA" in result
-    assert json.loads((workdir / "metrics" / "train" / "mcan-seed3.json").read_text())["valid"] == result["valid"]
     member = members.load(workdir / "models" / "mcan" / "seed3" / "model.pt")
     blob = torch.load(workdir / "models" / "mcan" / "seed3" / "model.pt", weights_only=False)
     assert member.name == "mcan" and blob["seed"] == 3 and blob["best_step"] in (2, 4, 6)
@@ -66,13 +68,13 @@ def test_member_outputs_and_runs(workdir):
 
 def test_resume_after_crash_gives_the_same_result(workdir):
     params = load_params()
-    full = train.fit("mcan", 3, params, progress=False)
+    full = fit.fit_member("mcan", 3, params, progress=False)
     scores_full = pd.read_parquet(workdir / "outputs" / "mcan-seed3" / "valid.parquet").score.to_numpy()
 
     with pytest.raises(InterruptedError):
-        train.fit("mcan", 3, params, progress=False, stop_after=3)  # crashes mid-epoch, after step 3
+        fit.fit_member("mcan", 3, params, progress=False, stop_after=3)  # crashes mid-epoch, after step 3
     assert (workdir / "checkpoints" / "mcan-seed3" / "last.ckpt").exists()
-    resumed = train.fit("mcan", 3, params, progress=False)  # resumes from the step-2 checkpoint
+    resumed = fit.fit_member("mcan", 3, params, progress=False)  # resumes from the step-2 checkpoint
     scores_resumed = pd.read_parquet(workdir / "outputs" / "mcan-seed3" / "valid.parquet").score.to_numpy()
 
     assert resumed["best_step"] == full["best_step"] and resumed["steps"] == full["steps"]

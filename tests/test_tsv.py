@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 
 from mmrecall.config import PrepareParams
-from mmrecall.prepare import prepare_split
-from mmrecall.store import FeatureStore
-from mmrecall.text import clean_query
-from mmrecall.tsv import COLUMNS, HEADER, DataFileError, box_features, encode_row
+from mmrecall.data.ingest import ingest_tsv
+from mmrecall.data.store import FeatureStore
+from mmrecall.data.text import clean_query
+from mmrecall.data.tsv import COLUMNS, HEADER, DataFileError, box_features, encode_row
 
 
 def row(pid: int, n: int = 2, query: str = 'red "ins" dress', rng=np.random.default_rng(0), **over) -> str:
@@ -53,7 +53,7 @@ def test_every_defect_is_rejected_with_its_reason_and_good_rows_kept(tmp_path):
     path = tmp_path / "valid.tsv"
     path.write_text("\n".join(lines) + "\n")
 
-    summary = prepare_split(path, tmp_path / "store", PrepareParams(workers=1), progress=False)
+    summary = ingest_tsv(path, tmp_path / "store", PrepareParams(workers=1), progress=False)
 
     rejects = pd.read_csv(tmp_path / "store" / "rejects.tsv", sep="\t")
     assert dict(zip(rejects.line, rejects.reason)) == expected
@@ -68,8 +68,8 @@ def test_rejects_with_two_workers_and_tiny_chunks_match(tmp_path):
     lines = [HEADER] + [row(i) if i % 5 else DEFECTS["bad_int"]() for i in range(1, 41)]
     path = tmp_path / "t.tsv"
     path.write_text("\n".join(lines) + "\n")
-    one = prepare_split(path, tmp_path / "a", PrepareParams(workers=1), progress=False)
-    two = prepare_split(path, tmp_path / "b", PrepareParams(workers=2, chunk_bytes=50_000), progress=False)
+    one = ingest_tsv(path, tmp_path / "a", PrepareParams(workers=1), progress=False)
+    two = ingest_tsv(path, tmp_path / "b", PrepareParams(workers=2, chunk_bytes=50_000), progress=False)
     assert one["rejected_by_reason"] == two["rejected_by_reason"] == {"bad_int": 8}
     a, b = FeatureStore.open(tmp_path / "a"), FeatureStore.open(tmp_path / "b")
     pd.testing.assert_frame_equal(a.rows, b.rows)
@@ -88,7 +88,7 @@ def test_bad_files_fail_clearly_naming_the_file(tmp_path, content, message):
     if content is not None:
         path.write_text(content)
     with pytest.raises(DataFileError, match=message) as err:
-        prepare_split(path, tmp_path / "store", PrepareParams(workers=1), progress=False)
+        ingest_tsv(path, tmp_path / "store", PrepareParams(workers=1), progress=False)
     assert str(path) in str(err.value)
     assert not (tmp_path / "store").exists()  # nothing half-written
 

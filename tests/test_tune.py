@@ -14,7 +14,8 @@ import optuna
 import pytest
 import yaml
 
-from mmrecall import train, tune
+from mmrecall.stages import tune
+from mmrecall.training import fit, tuning
 from mmrecall.config import ParamsError, TuneParams, load_params
 
 from .test_train import TINY, workdir  # noqa: F401 (fixture)
@@ -41,8 +42,8 @@ def test_study_runs_best_params_resume_and_the_train_switch(tunedir, monkeypatch
     assert tune.main(["--no-progress"]) == 0
 
     params = load_params()
-    name = tune.study_name(params)
-    study = optuna.load_study(study_name=name, storage=tune.open_storage(params.tune.storage))
+    name = tuning.study_name(params)
+    study = optuna.load_study(study_name=name, storage=tuning.open_storage(params.tune.storage))
     assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED", "COMPLETE"]
     assert (tunedir / "optuna-journal.log").exists()  # the default storage, in the repository root
 
@@ -72,7 +73,7 @@ def test_study_runs_best_params_resume_and_the_train_switch(tunedir, monkeypatch
     # Resuming: the same setup finds its study and runs only the missing trials, under the same parent.
     monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: False)
     assert tune.main(["--no-progress", "--n-trials", "4"]) == 0
-    assert len(optuna.load_study(study_name=name, storage=tune.open_storage(params.tune.storage)).trials) == 4
+    assert len(optuna.load_study(study_name=name, storage=tuning.open_storage(params.tune.storage)).trials) == 4
     parents, children = runs_of(name)
     assert len(parents) == 1 and sorted(children["tags.mlflow.runName"]) == [f"trial-{n}" for n in range(4)]
 
@@ -81,7 +82,7 @@ def test_study_runs_best_params_resume_and_the_train_switch(tunedir, monkeypatch
     raw = yaml.safe_load((tunedir / "params.yaml").read_text())
     raw["train"]["best_params"] = True
     (tunedir / "params.yaml").write_text(yaml.safe_dump(raw))
-    train.fit("mcan", 3, load_params(), progress=False)
+    fit.fit_member("mcan", 3, load_params(), progress=False)
     member = mlflow.search_runs(experiment_names=["mmrecall"], filter_string="tags.mlflow.runName = 'mcan-seed3'").iloc[0]
     assert float(member["params.train.focal_alpha"]) == best["params"]["focal_alpha"]
     assert float(member["params.train.focal_gamma"]) == best["params"]["focal_gamma"]
@@ -103,8 +104,8 @@ def test_two_workers_share_one_journal_study(tunedir, mlflow_store):
 
     mlflow.set_tracking_uri(mlflow_store)  # this process may still point at an earlier test's store
     params = load_params()
-    name = tune.study_name(params)
-    study = optuna.load_study(study_name=name, storage=tune.open_storage(params.tune.storage))
+    name = tuning.study_name(params)
+    study = optuna.load_study(study_name=name, storage=tuning.open_storage(params.tune.storage))
     finished = [t for t in study.trials if t.state.is_finished()]
     assert len(finished) == len(study.trials) >= 4  # nothing left RUNNING; the last trials may overshoot by one
 
@@ -137,7 +138,8 @@ def test_search_space_and_best_params_file_are_checked(tmp_path):
     params = load_params(tmp_path / "params.yaml")
     mcan, vb = params.train.for_model("mcan"), params.train.for_model("visualbert")
     assert (mcan.focal_gamma, mcan.schedule.amplitude) == (0.5, 0.1)
-    assert (vb.focal_gamma, vb.schedule.amplitude) == (2.0, 0.3)  # only the tuned model changes
+    base = load_params(tmp_path / "params.yaml", apply_best=False).train.for_model("visualbert")
+    assert (vb.focal_gamma, vb.schedule.amplitude) == (base.focal_gamma, base.schedule.amplitude) != (0.5, 0.1)  # only the tuned model
 
     (tmp_path / "best_params.yaml").write_text(yaml.safe_dump({"model": "mcan", "params": {"steps": 3}}))
     with pytest.raises(ParamsError, match="not tunable"):
@@ -147,20 +149,20 @@ def test_search_space_and_best_params_file_are_checked(tmp_path):
 def test_storage_and_study_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text("{}\n")
-    assert tune.open_storage("postgresql://u:pw@db/optuna") == "postgresql://u:pw@db/optuna"
-    assert isinstance(tune.open_storage("studies/j.log"), optuna.storages.JournalStorage)
+    assert tuning.open_storage("postgresql://u:pw@db/optuna") == "postgresql://u:pw@db/optuna"
+    assert isinstance(tuning.open_storage("studies/j.log"), optuna.storages.JournalStorage)
     assert (tmp_path / "studies").is_dir()  # relative to the repository root
     from mmrecall.tracking import redact
 
     assert redact("postgresql://u:pw@db/optuna") == "postgresql://u:***@db/optuna"
     params = load_params()
-    name = tune.study_name(params)
-    assert name.startswith("mcan-") and name == tune.study_name(params)
+    name = tuning.study_name(params)
+    assert name.startswith("mcan-") and name == tuning.study_name(params)
     from dataclasses import replace
 
     longer = replace(params, tune=replace(params.tune, steps=999))
     more = replace(params, tune=replace(params.tune, n_trials=99))
-    assert tune.study_name(longer) != name and tune.study_name(more) == name  # more trials = the same study
+    assert tuning.study_name(longer) != name and tuning.study_name(more) == name  # more trials = the same study
 
 
 @pytest.mark.slow
@@ -171,7 +173,7 @@ def test_dvc_tune_stage_is_its_own_pipeline(tmp_path, micro_data):
 
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name in ("dvc.yaml", "tune/dvc.yaml", ".gitignore", "src"):
+    for name in ("dvc.yaml", "tune/dvc.yaml", ".gitignore", ".dvcignore", "src"):
         src, dst = ROOT / name, repo / name
         dst.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)

@@ -1,52 +1,108 @@
-"""`mmrecall <stage>`: one subcommand per pipeline stage, each the stage module's own `main()`.
+"""`mmrecall <command>`: one subcommand per pipeline stage, each the `main()` of mmrecall/stages/<command>.py.
 
-dvc.yaml, MLproject, the Makefile and the tests all call these same entry points.
+dvc.yaml, MLproject, the Makefile and the tests all call these same entry points. The CLI sets up
+logging (one line per milestone on stderr), runs the command from the repository root (the folder of
+params.yaml, found from any folder below it), and turns an expected user error (a bad data file,
+submission or params, a missing stage input) into one line `mmrecall <command>: error: <message>` with
+exit code 1. `--debug` (anywhere on the line) shows the traceback and debug logging instead.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import sys
+from pathlib import Path
 
-STAGES = {
-    "synth": ("synth", "write a synthetic dataset in the official format and layout"),
-    "prepare": ("prepare", "decode + validate one split's TSV into the memory-mapped feature store"),
-    "baseline": ("baseline", "fit and score the wordproto floor, log it to MLflow"),
-    "train": ("train", "train one ranker member (model x seed), logged to MLflow"),
-    "tune": ("tune", "Optuna study over focal alpha/gamma and the schedule amplitude; writes best_params.yaml"),
-    "evaluate": ("evaluate", "NDCG@5 of a submission / score table, or of every model (the stage)"),
-    "smooth": ("smoothing", "re-score every member on KNN-smoothed box features (solo team)"),
-    "rerank": ("rerank", "ensemble + LightGBM re-ranker on valid, query-grouped K-fold (honest NDCG@5)"),
-    "register": ("register", "log the ranker as an MLflow pyfunc, register it, move `champion` on improvement"),
-    "predict": ("predict", "submission.csv for testA (testB) through the registered champion"),
-    "summary": ("summary", "metrics JSON + markdown table of members, ensemble, re-ranker, smoothing, post-proc"),
-    "report": ("report", "print the metrics table of the last `dvc repro`"),
-    "apply-config": ("config", "merge a configuration overlay such as configs/faithful.yaml into params.yaml"),
+from . import config
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+COMMANDS = {
+    "synth": "write a synthetic dataset in the official format and layout",
+    "prepare": "decode + validate one split's TSV into the memory-mapped feature store",
+    "baseline": "fit and score the wordproto floor, log it to MLflow",
+    "train": "train one ranker member (model x seed), logged to MLflow",
+    "tune": "Optuna study over focal alpha/gamma and the schedule amplitude; writes best_params.yaml",
+    "evaluate": "NDCG@5 of a submission / score table, or of every model (the stage)",
+    "smooth": "re-score members on KNN-smoothed box features (solo team)",
+    "rerank": "ensemble + LightGBM re-ranker on valid, query-grouped K-fold (honest NDCG@5)",
+    "register": "log the ranker as an MLflow pyfunc, register it, move `champion` on improvement",
+    "predict": "submission.csv for testA (testB) through the registered champion",
+    "summary": "metrics JSON + markdown table of members, ensemble, re-ranker, smoothing, post-proc",
+    "report": "print the metrics tables of the last `dvc repro`",
+    "apply-config": "merge a configuration overlay such as configs/faithful.yaml into params.yaml",
 }
 
 
+def module_name(command: str) -> str:
+    """The stage module of a command: `apply-config` -> mmrecall.stages.apply_config."""
+    return f"mmrecall.stages.{command.replace('-', '_')}"
+
+
 def usage() -> str:
-    width = max(map(len, STAGES))
-    lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in STAGES.items()]
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {help_}" for name, help_ in COMMANDS.items()]
     return (
-        "usage: mmrecall <command> [options]\n\n"
+        "usage: mmrecall [--debug] <command> [options]\n\n"
         "KDD Cup 2020 Multimodalities Recall pipeline (see README.md).\n\ncommands:\n"
         + "\n".join(lines)
-        + "\n\n`mmrecall <command> --help` explains each command's options.\n"
+        + "\n\n`mmrecall <command> --help` explains each command's options; --debug shows tracebacks.\n"
     )
 
 
+def setup_logging(debug: bool = False) -> None:
+    """One readable line per message on stderr: `13:52:01 train: mcan-seed1: ...`."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(short)s: %(message)s", datefmt="%H:%M:%S"))
+    handler.addFilter(_short_name)
+    root = logging.getLogger("mmrecall")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    root.propagate = False
+
+
+def _short_name(record: logging.LogRecord) -> bool:
+    record.short = record.name.rpartition(".")[2]  # mmrecall.stages.train -> train
+    return True
+
+
+def enter_repo_root() -> None:
+    """Run from the folder of params.yaml (the pipeline's paths are relative to it); user paths stay valid."""
+    found = config.find_params_file()
+    here = Path.cwd().resolve()
+    if found is not None and found.parent != here:
+        config.invoked_from = here
+        os.chdir(found.parent)
+        log.debug("working in %s (the folder of %s)", found.parent, config.PARAMS_FILE)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage(), end="")
         return 0
     command, rest = argv[0], argv[1:]
-    if command not in STAGES:
+    if command not in COMMANDS:
         print(f"mmrecall: unknown command {command!r}\n\n{usage()}", end="", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"mmrecall.{STAGES[command][0]}")
-    return int(module.main(rest) or 0)
+    setup_logging(debug)
+    try:
+        enter_repo_root()
+        module = importlib.import_module(module_name(command))
+        return int(module.main(rest) or 0)
+    except (UserError, OSError) as e:
+        if debug:
+            raise
+        print(f"mmrecall {command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"mmrecall {command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """One config path: `params.yaml` -> typed dataclasses, one section per pipeline stage.
 
-Every stage calls `load_params()` once and reads its own section. Unknown keys are an error
-(a typo in params.yaml must not silently fall back to a default).
+The dataclasses hold the defaults (the CPU settings of `make repro`); params.yaml restates them so that
+DVC can track every value, and a test keeps the two equal. Every stage calls `load_params()` once and
+reads its own section. Unknown keys and wrong types are an error (a typo must not silently fall back to
+a default), and so is a missing params.yaml: `load_params()` looks in the current folder and its parents.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml
+
+from .errors import UserError
 
 PARAMS_FILE = "params.yaml"
 
@@ -68,7 +72,7 @@ class BaselineParams:
 
 @dataclass
 class ScheduleParams:
-    """Sine wave with linear warmup (spec §3.6)."""
+    """The 1st place's sine wave with linear warmup (training/losses.py)."""
 
     warmup_ratio: float = 0.1
     cycles: int = 6
@@ -81,13 +85,13 @@ class TrainParams:
 
     models: list[str] = field(default_factory=lambda: ["mcan", "visualbert", "two_tower"])
     seeds: list[int] = field(default_factory=lambda: [1, 2])
-    steps: int = 600  # optimizer steps per member
-    eval_every: int = 200  # valid NDCG@5 (and a checkpoint) every N steps
-    batch_size: int = 64  # triples (query, positive, negative); pairs for the two-tower
+    steps: int = 400  # optimizer steps per member (sized for the 15-minute make repro)
+    eval_every: int = 100  # valid NDCG@5 (and a checkpoint) every N steps
+    batch_size: int = 128  # triples (query, positive, negative); pairs for the two-tower
     negatives: int = 10  # hard negatives per positive in the TF-IDF pool sampler (1st place: 10)
-    random_negatives: float = 0.0  # share of those negatives drawn from any other query (1st place: 0)
-    in_batch_neighbours: float = 0.0  # two-tower: share of a batch drawn from the pools of the other rows
-    lr: float = 3.0e-4
+    random_negatives: float = 0.5  # share of those negatives drawn from any other query (1st place: 0)
+    in_batch_neighbours: float = 0.25  # two-tower: share of a batch drawn from the pools of the other rows
+    lr: float = 1.0e-3
     backbone_lr: float | None = None  # lr of the pretrained backbone weights (None = lr)
     weight_decay: float = 0.01
     focal_alpha: float = 1.0
@@ -102,10 +106,14 @@ class TrainParams:
     strategy: str = "auto"  # ddp for several GPUs / nodes
     precision: str = "32-true"  # 16-mixed / bf16-mixed on GPUs
     num_threads: int = 0  # torch CPU threads (0 = torch's default)
-    mcan: dict = field(default_factory=dict)  # MCANConfig fields
+    mcan: dict = field(default_factory=dict)  # MCANConfig fields (models/mcan.py holds their defaults)
     visualbert: dict = field(default_factory=dict)  # VisualBERTConfig fields
     two_tower: dict = field(default_factory=dict)  # TwoTowerConfig fields
-    overrides: dict = field(default_factory=dict)  # per model: {model: {lr: .., steps: .., ...}}
+    overrides: dict = field(default_factory=lambda: {  # per model: {model: {lr: .., steps: .., ...}}
+        "visualbert": {"lr": 0.002, "backbone_lr": 0.0005, "batch_size": 64, "steps": 700, "eval_every": 100,
+                       "focal_gamma": 0.0, "max_boxes": 5},
+        "two_tower": {"lr": 0.0005, "steps": 250, "eval_every": 50, "max_boxes": 5},
+    })
     best_params: bool = False  # apply the tuned values (tune.output, written by `mmrecall tune`) to overrides.<tune model>
 
     def for_model(self, name: str) -> "TrainParams":
@@ -114,7 +122,7 @@ class TrainParams:
         allowed = {f.name for f in fields(self)} - {"models", "seeds", "overrides", "best_params", "mcan", "visualbert",
                                                      "two_tower"}
         if unknown := sorted(set(extra) - allowed):
-            raise ValueError(f"params.yaml train.overrides.{name}: unknown key(s) {unknown}")
+            raise ParamsError(f"params.yaml train.overrides.{name}: unknown key(s) {unknown}")
         if "schedule" in extra:
             extra["schedule"] = replace(self.schedule, **extra["schedule"])
         return replace(self, **extra, overrides={})
@@ -185,11 +193,11 @@ class TuneParams:
 
 @dataclass
 class SmoothParams:
-    """KNN smoothing of box features within a query's pool (solo team, spec §4.4)."""
+    """KNN smoothing of box features within a query's pool (the solo team's inference trick)."""
 
     k: int = 2  # nearest OTHER boxes mixed in
     weights: list[float] = field(default_factory=lambda: [0.7, 0.2, 0.1])  # self first; sums to 1
-    members: list[str] | None = None  # re-scored members: <model> (x train.seeds) or <model>-seed<k>; None = all
+    members: list[str] | None = field(default_factory=lambda: ["mcan"])  # re-scored: <model> (x train.seeds) or <model>-seed<k>; None = all
 
 
 @dataclass
@@ -210,9 +218,9 @@ class LGBMParams:
 
 @dataclass
 class RerankParams:
-    """LightGBM re-ranker on valid, query-grouped K-fold, and the ensemble of members (spec §3.7-3.8)."""
+    """LightGBM re-ranker on valid, query-grouped K-fold, and the ensemble of members (the 1st place's stage 2)."""
 
-    members: list[str] | None = None  # feature members: <model> (x train.seeds) or <model>-seed<k>; None = all
+    members: list[str] | None = field(default_factory=lambda: ["mcan"])  # feature members, same form; None = all
     smoothing: bool = False  # feed the members smoothed boxes (outputs/smoothed/<member>, the smooth stage)
     objective: str = "binary"  # binary | lambdarank
     folds: int = 5  # query-grouped folds over valid
@@ -257,8 +265,24 @@ class Params:
     tracking: TrackingParams = field(default_factory=TrackingParams)
 
 
-class ParamsError(ValueError):
-    """params.yaml has an unknown key or a value of the wrong type."""
+def member_name(model: str, seed: int) -> str:
+    """A trained (model, seed): `<model>-seed<k>`, its output folder, checkpoint and MLflow run name."""
+    return f"{model}-seed{seed}"
+
+
+def member_names(params: Params, chosen: list[str] | None = None) -> list[str]:
+    """Members named by `chosen`: `<model>-seed<k>` as is, a bare model name = that model x train.seeds;
+    None or empty = every train member (train.models x train.seeds)."""
+    if not chosen:
+        return [member_name(m, s) for m in params.train.models for s in params.train.seeds]
+    out = []
+    for entry in chosen:
+        out += [entry] if "-seed" in entry else [member_name(entry, s) for s in params.train.seeds]
+    return out
+
+
+class ParamsError(UserError, ValueError):
+    """params.yaml is missing, or has an unknown key or a value of the wrong type."""
 
 
 def _build(cls: type, raw: dict[str, Any] | None, where: str) -> Any:
@@ -284,29 +308,55 @@ def _build(cls: type, raw: dict[str, Any] | None, where: str) -> Any:
     return cls(**kwargs)
 
 
+def find_params_file(start: Path | None = None) -> Path | None:
+    """params.yaml in `start` (default: the current folder) or the nearest parent folder holding one."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / PARAMS_FILE).is_file():
+            return folder / PARAMS_FILE
+    return None
+
+
 def repo_root() -> Path:
-    """The project root: $DVC_ROOT inside DVC runs, else the nearest folder holding params.yaml."""
+    """The project root: $DVC_ROOT inside DVC runs, else the nearest folder holding params.yaml (else cwd)."""
     if os.environ.get("DVC_ROOT"):
         return Path(os.environ["DVC_ROOT"]).resolve()
-    here = Path.cwd().resolve()
-    for folder in (here, *here.parents):
-        if (folder / PARAMS_FILE).exists():
-            return folder
-    return here
+    found = find_params_file()
+    return found.parent if found else Path.cwd().resolve()
+
+
+# The folder the command was started in, when the CLI moved to the repository root (see `user_path`).
+invoked_from: Path | None = None
+
+
+def user_path(text: str) -> Path:
+    """A path typed on the command line: relative to the folder the command was started in, even after
+    the CLI moved to the repository root to run a stage there."""
+    path = Path(text).expanduser()
+    return path if path.is_absolute() or invoked_from is None else invoked_from / path
 
 
 def load_params(path: str | os.PathLike | None = None, apply_best: bool = True) -> Params:
-    """Read params.yaml (default: ./params.yaml) into `Params`; a missing file gives the defaults.
+    """Read params.yaml into `Params`: `path`, else ./params.yaml or the nearest parent folder's.
 
-    With `train.best_params: true` the tuned values of `tune.output` (next to params.yaml) are applied
-    to `train.overrides.<tuned model>`, so every stage sees the same train params (`apply_best=False`:
-    the file's own values, for the study itself).
+    A missing file is a `ParamsError` (never silently the code defaults). With `train.best_params: true`
+    the tuned values of `tune.output` (next to params.yaml) are applied to `train.overrides.<tuned model>`,
+    so every stage sees the same train params (`apply_best=False`: the file's own values, for the study).
     """
-    path = Path(path) if path is not None else Path.cwd() / PARAMS_FILE
-    if not path.exists():
-        return Params()
+    if path is None:
+        found = find_params_file()
+        if found is None:
+            raise ParamsError(f"no {PARAMS_FILE} in {Path.cwd()} or any folder above it: run mmrecall from the "
+                              "repository (or pass --params FILE)")
+        path = found
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
     with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ParamsError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
     params = _build(Params, raw, str(path))
     if apply_best and params.train.best_params:
         params = with_best_params(params, path.parent / params.tune.output)
@@ -383,7 +433,7 @@ def apply_overlay(overlay: str | os.PathLike, params: str | os.PathLike = PARAMS
     with open(overlay) as f:
         extra = yaml.safe_load(f) or {}
     if not isinstance(extra, dict):
-        raise ValueError(f"{overlay}: expected a mapping of params.yaml sections")
+        raise ParamsError(f"{overlay}: expected a mapping of params.yaml sections")
     _merge(base, extra)
     rt.representer.add_representer(float, _represent_float)
     out = io.StringIO()
@@ -400,20 +450,3 @@ def _represent_float(representer, value: float):
     if exponent and "." not in mantissa:
         text = f"{mantissa}.0e{exponent}"
     return representer.represent_scalar("tag:yaml.org,2002:float", text)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="mmrecall apply-config",
-        description="Deep-merge a configuration overlay (e.g. configs/faithful.yaml, the original sizes) into "
-        "params.yaml, keeping its comments. `git diff params.yaml` shows the change; `git checkout params.yaml` "
-        "undoes it.",
-    )
-    parser.add_argument("overlay", help="YAML file with params.yaml sections to override")
-    parser.add_argument("--params", default=PARAMS_FILE)
-    args = parser.parse_args(argv)
-    apply_overlay(args.overlay, args.params)
-    print(f"{args.params}: merged {args.overlay}")
-    return 0

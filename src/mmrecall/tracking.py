@@ -1,4 +1,4 @@
-"""All MLflow glue: tracking URI, experiment, standard tags, run names.
+"""All MLflow glue: tracking URI, experiment, standard tags, run names, parent runs, the champion alias.
 
 - URI: $MLFLOW_TRACKING_URI, else an ABSOLUTE `sqlite:///<repo>/mlflow.db`, where <repo> is
   $DVC_ROOT when DVC runs the stage (queued experiments run in a temp copy; a relative URI would
@@ -30,7 +30,7 @@ import mlflow  # noqa: E402
 import yaml  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
-from .config import repo_root  # noqa: E402
+from .config import member_name, repo_root  # noqa: E402
 
 DEFAULT_EXPERIMENT = "mmrecall"
 
@@ -70,19 +70,8 @@ def store_lock(uri: str) -> Iterator[None]:
 
 
 def run_name(model: str, seed: int | None = None) -> str:
-    """`<model>-seed<k>` for members, `<model>` for parents and the baseline."""
-    return model if seed is None else f"{model}-seed{seed}"
-
-
-def member_names(params, chosen: list[str] | None = None) -> list[str]:
-    """Members named by `chosen`: `<model>-seed<k>` as is, a bare model name = that model x train.seeds;
-    None or empty = every train member (train.models x train.seeds)."""
-    if not chosen:
-        return [run_name(m, s) for m in params.train.models for s in params.train.seeds]
-    out = []
-    for entry in chosen:
-        out += [entry] if "-seed" in entry else [run_name(entry, s) for s in params.train.seeds]
-    return out
+    """`<model>-seed<k>` for members (their member name), `<model>` for parents and the baseline."""
+    return model if seed is None else member_name(model, seed)
 
 
 def _experiment_exists(experiment_id: str) -> bool:
@@ -226,3 +215,72 @@ def child_run(
         mlflow.end_run(outcome.status or "FAILED")
         raise
     mlflow.end_run(outcome.status or "FINISHED")
+
+
+# --- parent runs of members ----------------------------------------------------------------------
+
+
+def member_parent(model: str, run_params: Mapping[str, Any], experiment: str = DEFAULT_EXPERIMENT) -> str:
+    """The parent run `<model>` of members trained with the same params (but the seed) and data."""
+    shared = {k: v for k, v in run_params.items() if k != "seed"}
+    group = params_hash(shared | {"data": data_hash()})
+    exp_id = setup(experiment)
+    found = mlflow.search_runs(
+        experiment_ids=[exp_id],
+        filter_string=f"tags.kind = 'parent' and tags.group = '{group}'",
+        output_format="list",
+    )
+    if found:
+        return found[0].info.run_id
+    client = mlflow.MlflowClient()
+    tags = {**standard_tags("train"), "kind": "parent", "group": group, "model": model}
+    run = client.create_run(exp_id, run_name=model, tags=tags)
+    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in shared.items()])
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def update_parent(parent_id: str, metric: str) -> None:
+    """Mean and std over the parent's finished members of every final `metric` (best_<metric>, <metric>_<split>...)."""
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_id)
+    children = mlflow.search_runs(
+        experiment_ids=[parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'FINISHED'",
+    )
+    cols = [c for c in children.columns if c.startswith(f"metrics.best_{metric}") or c.startswith(f"metrics.{metric}_")]
+    for col in cols:
+        values = children[col].dropna().to_numpy()
+        key = col.removeprefix("metrics.").removeprefix("best_")
+        client.log_metric(parent_id, f"{key}_mean", float(values.mean()))
+        client.log_metric(parent_id, f"{key}_std", float(values.std()))
+    client.log_metric(parent_id, "members", len(children))
+
+
+# --- the registered model's champion alias ----------------------------------------------------------
+
+
+def current_champion(client, name: str, alias: str, score_tag: str) -> tuple[str, float] | None:
+    """(version, its `score_tag` value) of the version holding the alias, or None."""
+    try:
+        mv = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+    return str(mv.version), float(mv.tags.get(score_tag, "-inf"))
+
+
+def promote_if_better(client, name: str, alias: str, new_version: str, score: float, score_tag: str) -> dict:
+    """Move the alias to `new_version` only if `score` beats the current holder's `score_tag`; return the decision."""
+    current = current_champion(client, name, alias, score_tag)
+    moved = current is None or score > current[1]
+    if moved:
+        client.set_registered_model_alias(name, alias, new_version)
+    decision = {
+        "previous_champion": None if current is None else {"version": current[0], score_tag: current[1]},
+        "moved": moved,
+        "champion": new_version if moved else current[0],
+    }
+    why = ("first version" if current is None else
+           f"{score:.6f} {'>' if moved else '<='} v{current[0]}'s {current[1]:.6f}")
+    client.set_model_version_tag(name, new_version, "champion_decision", f"{'promoted' if moved else 'not promoted'}: {why}")
+    return decision

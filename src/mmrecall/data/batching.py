@@ -1,0 +1,130 @@
+"""From the feature store to model batches: every row of an evaluation split, and the training batches.
+
+A batch is a dict of tensors that every model accepts (each ignores what it does not use):
+  input_ids (B, T), attention_mask (B, T)           the query, tokenised once per distinct text
+  img_feat (B, N, 2048), img_box (B, N, 6),          the candidate's boxes, zero-padded to the
+  img_label (B, N), img_mask (B, N) True = real box  largest box count in the batch
+
+Training batches (`TrainBatches`) hold (query, positive, hard negative) triples as {"pos": batch, "neg": batch},
+or, for the two-tower's in-batch loss, positive pairs as {"pos": batch, "query": (B,) query index}; what an
+epoch's batches hold depends only on (seed, epoch, rank).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+from ..config import ParamsError, TrainParams
+from .negatives import HardNegativeSampler, build_pools, group_queries
+from .store import FeatureStore
+from .tsv import BOX_DIM, FEATURE_DIM
+
+
+@dataclass
+class QueryTokens:
+    """Token ids of distinct query texts: ids (Q, T) int64, mask (Q, T) int64."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+
+    @classmethod
+    def build(cls, texts: list[str], tokenizer, max_len: int) -> "QueryTokens":
+        enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="np")
+        return cls(enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64))
+
+    def batch(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        mask = self.mask[idx]
+        T = max(int(mask.sum(1).max()), 1)  # trim the padding every row of the batch shares
+        return {"input_ids": torch.from_numpy(self.ids[idx, :T]), "attention_mask": torch.from_numpy(mask[:, :T])}
+
+
+def image_batch(store: FeatureStore, rows: np.ndarray, max_boxes: int | None = None) -> dict[str, torch.Tensor]:
+    """Padded box tensors of the given store rows (the first `max_boxes` boxes of each, if set)."""
+    offsets = store.rows.offset.to_numpy()[rows]
+    counts = store.rows.n_kept.to_numpy()[rows]
+    if max_boxes:
+        counts = np.minimum(counts, max_boxes)
+    B, N = len(rows), max(int(counts.max()), 1)
+    feat = np.zeros((B, N, FEATURE_DIM), np.float32)
+    box = np.zeros((B, N, BOX_DIM), np.float32)
+    label = np.zeros((B, N), np.int64)
+    mask = np.zeros((B, N), bool)
+    for b, (o, n) in enumerate(zip(offsets, counts)):
+        feat[b, :n] = store.features[o : o + n]
+        box[b, :n] = store.boxes[o : o + n]
+        label[b, :n] = store.labels[o : o + n]
+        mask[b, :n] = True
+    return {
+        "img_feat": torch.from_numpy(feat),
+        "img_box": torch.from_numpy(box),
+        "img_label": torch.from_numpy(label),
+        "img_mask": torch.from_numpy(mask),
+    }
+
+
+class EvalBatches:
+    """Every row of an evaluation store, in store order, as model batches."""
+
+    def __init__(self, store: FeatureStore, tokenizer, max_len: int, batch_size: int, max_boxes: int | None = None):
+        self.store, self.batch_size, self.max_boxes = store, batch_size, max_boxes
+        texts, self.query_of_row = group_queries(store.rows.query_clean.tolist())
+        self.tokens = QueryTokens.build(texts, tokenizer, max_len)
+
+    def __len__(self) -> int:
+        return (len(self.store) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        for start in range(0, len(self.store), self.batch_size):
+            rows = np.arange(start, min(start + self.batch_size, len(self.store)))
+            yield {**self.tokens.batch(self.query_of_row[rows]), **image_batch(self.store, rows, self.max_boxes)}
+
+
+class TrainData:
+    """The train store grouped by cleaned query, tokenised once, with its hard-negative sampler."""
+
+    def __init__(self, store: FeatureStore, tokenizer, params: TrainParams, seed: int, pairwise: bool):
+        self.store, self.params, self.seed, self.pairwise = store, params, seed, pairwise
+        if not 0.0 <= params.in_batch_neighbours <= 0.5:
+            raise ParamsError(f"params train.in_batch_neighbours must be in [0, 0.5], got {params.in_batch_neighbours}")
+        texts, self.row_query = group_queries(store.rows.query_clean.tolist())
+        self.tokens = QueryTokens.build(texts, tokenizer, params.max_query_len)
+        pools = build_pools(texts, np.bincount(self.row_query), np.random.default_rng(seed))
+        self.sampler = HardNegativeSampler.from_row_queries(self.row_query, pools, params.negatives)
+
+
+class TrainBatches(IterableDataset):
+    """`n_batches` batches of one epoch; what they hold depends only on (seed, epoch, rank)."""
+
+    def __init__(self, data: TrainData, epoch: int, n_batches: int, rank: int = 0):
+        self.data, self.epoch, self.n_batches, self.rank = data, epoch, n_batches, rank
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __iter__(self):
+        d = self.data
+        rng = np.random.default_rng([d.seed, self.epoch, self.rank])
+        B = d.params.batch_size
+        if d.pairwise:  # two-tower: positive pairs, the batch supplies the negatives
+            n_near = round(B * d.params.in_batch_neighbours)
+            n_anchor = B - n_near
+            anchors = np.resize(rng.permutation(len(d.store)), self.n_batches * n_anchor)  # each row once per pass
+            for i in range(self.n_batches):
+                a = anchors[i * n_anchor : (i + 1) * n_anchor]
+                r = np.concatenate([a, d.sampler.neighbour_rows(rng, d.row_query[a[:n_near]])])
+                q = d.row_query[r]
+                yield {"pos": {**d.tokens.batch(q), **image_batch(d.store, r, d.params.max_boxes)}, "query": torch.from_numpy(q)}
+            return
+        triples = d.sampler.sample(rng, d.params.random_negatives)
+        pick = np.resize(rng.permutation(len(triples.query)), self.n_batches * B)
+        for i in range(self.n_batches):
+            t = pick[i * B : (i + 1) * B]
+            tokens = d.tokens.batch(triples.query[t])
+            yield {
+                "pos": {**tokens, **image_batch(d.store, triples.positive[t], d.params.max_boxes)},
+                "neg": {**tokens, **image_batch(d.store, triples.negative[t], d.params.max_boxes)},
+            }

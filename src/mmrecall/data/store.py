@@ -1,0 +1,114 @@
+"""The per-split feature store (written by data/ingest.py), read back memory-mapped.
+
+features/<split>/
+  rows.parquet    one row per kept TSV row: product_id, query_id, query, query_clean, num_boxes,
+                  n_kept, offset, image_h, image_w, line
+  features.f16    float16 (total_boxes, 2048), boxes of row i at [offset, offset + n_kept)
+  boxes.f32       float32 (total_boxes, 6): normalised top, left, bottom, right, area, aspect
+  labels.u8       uint8 (total_boxes,): class ids 0..32
+  meta.json       counts, rejects by reason, settings
+  rejects.tsv     line, reason, detail of every rejected row
+  answers.json    the split's answers when data/ has them (valid; synthetic testA)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import MissingInputError, UserError
+from .tsv import BOX_DIM, FEATURE_DIM
+
+ROWS, FEATURES, BOXES, LABELS, META, REJECTS, ANSWERS = (
+    "rows.parquet",
+    "features.f16",
+    "boxes.f32",
+    "labels.u8",
+    "meta.json",
+    "rejects.tsv",
+    "answers.json",
+)
+
+
+def load_answers(path: str | Path) -> dict[int, set[int]]:
+    """valid_answer.json style: {"qid": [pid, ...]} -> {qid: {pid, ...}} (ids as ints)."""
+    if not Path(path).is_file():
+        raise MissingInputError(f"{path}: answers file not found")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        return {int(q): {int(p) for p in pids} for q, pids in raw.items()}
+    except (ValueError, TypeError, AttributeError) as e:
+        raise UserError(f"{path}: not an answers file like valid_answer.json ({{\"query_id\": [product_id, ...]}}): {e}") from e
+
+
+@dataclass
+class FeatureStore:
+    root: Path
+
+    @classmethod
+    def open(cls, root: str | Path) -> "FeatureStore":
+        root = Path(root)
+        if not (root / META).exists():
+            raise MissingInputError(f"{root}: no feature store here (run `mmrecall prepare` or `dvc repro` first)")
+        return cls(root)
+
+    @cached_property
+    def meta(self) -> dict:
+        return json.loads((self.root / META).read_text())
+
+    @cached_property
+    def rows(self) -> pd.DataFrame:
+        return pd.read_parquet(self.root / ROWS)
+
+    @property
+    def total_boxes(self) -> int:
+        return int(self.meta["total_boxes"])
+
+    def _map(self, name: str, dtype, width: int | None) -> np.ndarray:
+        shape = (self.total_boxes, width) if width else (self.total_boxes,)
+        if self.total_boxes == 0:
+            return np.zeros(shape, dtype)
+        return np.memmap(self.root / name, dtype=dtype, mode="r", shape=shape)
+
+    @cached_property
+    def features(self) -> np.ndarray:
+        return self._map(FEATURES, np.float16, FEATURE_DIM)
+
+    @cached_property
+    def boxes(self) -> np.ndarray:
+        return self._map(BOXES, np.float32, BOX_DIM)
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        return self._map(LABELS, np.uint8, None)
+
+    @cached_property
+    def answers(self) -> dict[int, set[int]] | None:
+        path = self.root / ANSWERS
+        return load_answers(path) if path.exists() else None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def image(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(features (n, 2048) float16, boxes (n, 6), labels (n,)) of row i."""
+        start = int(self.rows.offset.iat[i])
+        end = start + int(self.rows.n_kept.iat[i])
+        return self.features[start:end], self.boxes[start:end], self.labels[start:end]
+
+    def mean_features(self, start: int, stop: int) -> np.ndarray:
+        """Mean box feature (float32) of rows [start, stop), read as one contiguous slice."""
+        offsets = self.rows.offset.to_numpy()[start:stop]
+        counts = self.rows.n_kept.to_numpy()[start:stop]
+        if len(offsets) == 0:
+            return np.zeros((0, FEATURE_DIM), np.float32)
+        lo, hi = int(offsets[0]), int(offsets[-1] + counts[-1])
+        block = np.asarray(self.features[lo:hi], dtype=np.float32)
+        sums = np.add.reduceat(block, offsets - lo, axis=0)
+        return sums / counts[:, None]

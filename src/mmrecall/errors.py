@@ -1,0 +1,15 @@
+"""Errors a user can cause and fix: a bad data file, a bad submission, bad params, a missing stage input.
+
+The CLI prints any of them as one line, `mmrecall <command>: error: <message>`, and exits with 1
+(`--debug` shows the traceback). Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """An expected error whose message tells the user what to fix (it names the file, and the line if any)."""
+
+
+class MissingInputError(UserError, FileNotFoundError):
+    """A file or folder a command needs does not exist (yet): the message says which stage makes it."""

@@ -1,0 +1,145 @@
+"""The re-ranker's features per (query, candidate) row, from member outputs and the feature store.
+
+- member scores, their per-query rank / z-score / gap to the query's best, the ensemble probability;
+- the first `pca_dims` principal components of each member's fused vector (PCA fitted on the fused
+  vectors of every evaluation split: unsupervised, no labels);
+- candidate features: num_boxes, kept boxes, image size, box area / aspect statistics, label histogram
+  summary, the candidate's number of rows over all evaluation files (valid + testA + testB), its gap to
+  the query's least frequent candidate and to the frequency filter's threshold (the 5th smallest count
+  of the query, the 1st place's post-processing); the query's word count.
+
+`FeatureSpec` is saved with the boosters, so the registered ranker builds the same columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from ..data.store import FeatureStore
+from ..data.text import words
+from ..errors import UserError
+from .ensemble import ensemble_scores
+from .metrics import K
+
+NUM_LABELS = 33
+
+
+def per_query(values: np.ndarray, groups: np.ndarray) -> dict[str, np.ndarray]:
+    """Rank (0 = best, as a share of the query's candidates), z-score and gap to the best, per query."""
+    df = pd.DataFrame({"g": groups, "v": np.asarray(values, np.float64)})
+    grp = df.groupby("g", sort=False).v
+    size = grp.transform("size").to_numpy()
+    return {
+        "rank": ((grp.rank(ascending=False, method="average").to_numpy() - 1) / np.maximum(size - 1, 1)),
+        "z": ((df.v - grp.transform("mean")) / (grp.transform("std").fillna(0.0) + 1e-6)).to_numpy(),
+        "gap": (df.v - grp.transform("max")).to_numpy(),
+    }
+
+
+def candidate_features(store: FeatureStore, counts: pd.Series) -> dict[str, np.ndarray]:
+    """Per row: box, label and frequency features of the candidate; query length."""
+    rows = store.rows
+    offsets, n = rows.offset.to_numpy(), rows.n_kept.to_numpy().astype(np.float64)
+    boxes, labels = np.asarray(store.boxes), np.asarray(store.labels).astype(np.int64)
+    area, aspect = boxes[:, 4].astype(np.float64), np.log(np.maximum(boxes[:, 5], 1e-6)).astype(np.float64)
+    hist = np.zeros((len(labels), NUM_LABELS), np.float64)
+    hist[np.arange(len(labels)), labels] = 1.0
+    if len(rows) and len(offsets):
+        sums = lambda a: np.add.reduceat(a, offsets, axis=0)  # noqa: E731 (rows own contiguous, ordered blocks)
+        hist_rows = sums(hist)
+        area_max = np.maximum.reduceat(area, offsets)
+        area_mean, aspect_mean = sums(area) / n, sums(aspect) / n
+    else:
+        hist_rows = np.zeros((0, NUM_LABELS))
+        area_max = area_mean = aspect_mean = np.zeros(0)
+    count = rows.product_id.map(counts).fillna(1).to_numpy(np.float64)
+    groups = rows.query_id.to_numpy()
+    by_query = pd.Series(count).groupby(groups)
+    count_min = by_query.transform("min").to_numpy()
+    # The frequency filter's threshold (the 1st place's post-processing): the 5th smallest count of the query.
+    count_kth = by_query.transform(lambda c: np.sort(c.to_numpy())[min(K, len(c)) - 1]).to_numpy()
+    return {
+        "num_boxes": rows.num_boxes.to_numpy(np.float64),
+        "n_kept": n,
+        "image_h": rows.image_h.to_numpy(np.float64),
+        "image_w": rows.image_w.to_numpy(np.float64),
+        "image_aspect": np.log(rows.image_h.to_numpy(np.float64) / rows.image_w.to_numpy(np.float64)),
+        "box_area_mean": area_mean,
+        "box_area_max": area_max,
+        "box_aspect_mean": aspect_mean,
+        "labels_distinct": (hist_rows > 0).sum(1).astype(np.float64),
+        "label_major": hist_rows.argmax(1).astype(np.float64) if len(hist_rows) else np.zeros(0),
+        "label_major_share": hist_rows.max(1) / n if len(hist_rows) else np.zeros(0),
+        "cand_count": count,
+        "cand_count_gap": count - count_min,
+        "cand_count_kth_gap": count - count_kth,  # <= 0: the frequency filter keeps it
+        "query_words": rows.query_clean.map(lambda q: len(words(q))).to_numpy(np.float64),
+        "query_candidates": pd.Series(groups).groupby(groups).transform("size").to_numpy(np.float64),
+    }
+
+
+def fit_pca(blocks: list[np.ndarray], dims: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (D,), components (dims, D)) of the stacked rows, by an eigendecomposition of the covariance.
+
+    torch with one thread: numpy's threaded BLAS took seconds for this on a shared 2-core machine.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x = torch.from_numpy(np.concatenate([np.asarray(b, np.float64) for b in blocks]))
+        mean = x.mean(0)
+        xc = x - mean
+        _, vecs = torch.linalg.eigh(xc.T @ xc)
+        comps = vecs.flip(1)[:, :dims].T.numpy().copy()
+    finally:
+        torch.set_num_threads(threads)
+    comps *= np.sign(comps[np.arange(len(comps)), np.abs(comps).argmax(1)])[:, None]  # a fixed sign
+    return mean.numpy().astype(np.float32), comps.astype(np.float32)
+
+
+@dataclass
+class FeatureSpec:
+    """What turns member outputs + a store into the re-ranker's matrix (saved with the boosters)."""
+
+    members: list[str]
+    pca_dims: int
+    ensemble_weights: dict
+    names: list[str] = field(default_factory=list)
+
+
+def build_features(
+    store: FeatureStore,
+    outputs: dict[str, tuple[np.ndarray, np.ndarray]],
+    spec: FeatureSpec,
+    pca: dict[str, tuple[np.ndarray, np.ndarray]],
+    counts: pd.Series,
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """(feature matrix, ensemble probability) of every store row; `outputs`: member -> (logits, fused)."""
+    groups = store.rows.query_id.to_numpy()
+    cols: dict[str, np.ndarray] = {}
+    scores = {m: np.asarray(outputs[m][0], np.float64) for m in spec.members}
+    ens = ensemble_scores(scores, spec.ensemble_weights)
+    for m in spec.members:
+        cols[f"{m}.score"] = scores[m]
+        for key, value in per_query(scores[m], groups).items():
+            cols[f"{m}.{key}"] = value
+        if spec.pca_dims:
+            mean, comps = pca[m]
+            proj = (np.asarray(outputs[m][1], np.float32) - mean) @ comps.T
+            for j in range(proj.shape[1]):
+                cols[f"{m}.pc{j}"] = proj[:, j]
+    cols["ensemble"] = ens
+    for key, value in per_query(ens, groups).items():
+        cols[f"ensemble.{key}"] = value
+    cols.update(candidate_features(store, counts))
+    X = pd.DataFrame(cols).astype(np.float32)
+    if spec.names and list(X.columns) != spec.names:
+        extra, missing = sorted(set(X.columns) - set(spec.names)), sorted(set(spec.names) - set(X.columns))
+        raise UserError(f"re-ranker features differ from the saved spec (models/rerank/spec.json): new {extra}, "
+                         f"missing {missing}; re-run `mmrecall rerank`")
+    return X, ens

@@ -1,0 +1,84 @@
+"""Score outputs on disk: the one module that reads and writes them.
+
+    outputs/<name>/<split>.parquet       score table (query_id, product_id, score), rows in feature-store order
+    outputs/<name>/<split>_fused.npy     float16 (rows, D): the vector behind each score (members only),
+                                         what the LightGBM re-ranker projects with PCA
+
+<name> is a member `<model>-seed<k>`, the baseline `wordproto`, `ensemble`, `rerank`, or a member scored
+on KNN-smoothed boxes, `smoothed/<member>` (see `smoothed`); `ensemble-knn` / `rerank-knn` are built on
+those smoothed members (`knn`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..data.store import FeatureStore
+from ..errors import MissingInputError, UserError
+from .metrics import read_score_table
+
+SMOOTHED = "smoothed"  # outputs/smoothed/<member>/: a member's scores on smoothed boxes (the smooth stage's out)
+KNN_SUFFIX = "-knn"  # outputs/ensemble-knn/, outputs/rerank-knn/: the same built on smoothed members
+
+
+def smoothed(member: str) -> str:
+    """The output name of a member scored on smoothed boxes."""
+    return f"{SMOOTHED}/{member}"
+
+
+def knn(name: str, smoothing: bool = True) -> str:
+    """`ensemble` -> `ensemble-knn` (built on smoothed members) when `smoothing`."""
+    return f"{name}{KNN_SUFFIX}" if smoothing else name
+
+
+def table_path(outputs_dir: str | Path, name: str, split: str) -> Path:
+    return Path(outputs_dir) / name / f"{split}.parquet"
+
+
+def fused_path(outputs_dir: str | Path, name: str, split: str) -> Path:
+    return Path(outputs_dir) / name / f"{split}_fused.npy"
+
+
+def score_table(store: FeatureStore, score: np.ndarray) -> pd.DataFrame:
+    """A score table of every store row, in store order."""
+    rows = store.rows
+    return pd.DataFrame({"query_id": rows.query_id.to_numpy(), "product_id": rows.product_id.to_numpy(),
+                         "score": np.asarray(score, np.float64)})
+
+
+def write(outputs_dir: str | Path, name: str, split: str, table: pd.DataFrame, fused: np.ndarray | None = None) -> None:
+    """Write the score table of `name` on `split` (and its fused vectors, for members)."""
+    path = table_path(outputs_dir, name, split)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(path, index=False)
+    if fused is not None:
+        np.save(fused_path(outputs_dir, name, split), fused)
+
+
+def exists(outputs_dir: str | Path, name: str, split: str) -> bool:
+    return table_path(outputs_dir, name, split).exists()
+
+
+def read_tables(outputs_dir: str | Path, name: str, splits) -> dict[str, pd.DataFrame]:
+    """{split: score table} of the splits for which `name` has one."""
+    return {s: read_score_table(table_path(outputs_dir, name, s)) for s in splits if exists(outputs_dir, name, s)}
+
+
+def read_member(outputs_dir: str | Path, name: str, split: str, store: FeatureStore) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, fused) of a member on a split, checked row by row against the split's feature store."""
+    path = table_path(outputs_dir, name, split)
+    if not path.exists():
+        raise MissingInputError(f"{path}: no score table for member {name!r} (params rerank.members; "
+                                "smoothed members come from `mmrecall smooth`)")
+    table = pd.read_parquet(path)
+    fused = np.load(fused_path(outputs_dir, name, split))
+    rows = store.rows
+    if len(table) != len(rows) or len(fused) != len(rows) or not (
+        (table.query_id.to_numpy() == rows.query_id.to_numpy()).all()
+        and (table.product_id.to_numpy() == rows.product_id.to_numpy()).all()
+    ):
+        raise UserError(f"{path}: rows do not match the feature store of {split} (re-run the member's stage)")
+    return table.score.to_numpy(), fused

@@ -1,0 +1,132 @@
+"""The whole ranker on a candidate table in the official columns: decode, (smooth), members, re-ranker.
+
+    ranker = Ranker.load({"rerank": "models/rerank", "backbone": <tokenizer folder>,
+                          "member.mcan-seed1": "models/mcan/seed1/model.pt", ...})
+    scores = ranker.score(read_candidates("data/testA/testA.tsv"))    # one float per row
+
+A candidate table has the nine TSV columns (tsv.COLUMNS; boxes / features / class_labels base64 as in
+the files). It is decoded by the same validating parser as `prepare` (data/ingest.py); any row that
+parser would reject is an error naming the row, its ids and the reason. Scores depend on the other
+candidates of the same query_id in the table (smoothing pools, per-query ranks), so pass whole
+queries. A candidate's frequency feature is the larger of its count over the evaluation files seen
+at training time and its count in the table.
+
+This module is what the registered MLflow model (ranker_model.py) runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from mlflow.models.signature import ModelSignature
+from mlflow.types.schema import ColSpec, Schema
+
+from ..config import PrepareParams, SmoothParams
+from ..data.ingest import ingest_tsv
+from ..data.store import FeatureStore
+from ..data.tsv import COLUMNS, HEADER
+from ..errors import MissingInputError, UserError
+from . import members as members_mod
+from . import reranker
+from .features import build_features
+from .smoothing import smoothed_store
+
+INT_COLUMNS = ("product_id", "image_h", "image_w", "num_boxes", "query_id")
+MEMBER_PREFIX = "member."
+MODEL_CODE = Path(__file__).with_name("ranker_model.py")  # the registered model's code (MLflow models-from-code)
+SIGNATURE = ModelSignature(  # the registered model's input (the nine official columns) and output
+    inputs=Schema([ColSpec("long" if c in INT_COLUMNS else "string", c) for c in COLUMNS]),
+    outputs=Schema([ColSpec("double", "score")]),
+)
+
+
+class CandidateTableError(UserError, ValueError):
+    """A candidate table the ranker cannot score (the message names the row and column)."""
+
+
+def read_candidates(path: str | Path, nrows: int | None = None) -> pd.DataFrame:
+    """An official TSV (header row, quoting off) as a candidate table; ids as int64, the rest as text."""
+    path = Path(path)
+    if not path.exists():
+        raise MissingInputError(f"{path}: file not found")
+    dtypes = {c: (np.int64 if c in INT_COLUMNS else str) for c in COLUMNS}
+    try:
+        return pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, dtype=dtypes, nrows=nrows, keep_default_na=False)
+    except ValueError as e:
+        raise CandidateTableError(f"{path}: not a candidate table in the official columns ({e})") from e
+
+
+def _text(value) -> str:
+    return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
+
+
+def candidate_store(table: pd.DataFrame, folder: Path, box_cap: int = 30) -> FeatureStore:
+    """Decode and validate a candidate table into a feature store under `folder` (in table order)."""
+    if not isinstance(table, pd.DataFrame):
+        raise CandidateTableError(f"expected a pandas DataFrame with columns {list(COLUMNS)}, got {type(table).__name__}")
+    missing = [c for c in COLUMNS if c not in table.columns]
+    if missing:
+        raise CandidateTableError(f"candidate table: missing column(s) {missing}; expected {list(COLUMNS)}")
+    if len(table) == 0:
+        raise CandidateTableError("candidate table: no rows")
+    cols = {c: [_text(v) for v in table[c].tolist()] for c in COLUMNS}
+    for c, values in cols.items():
+        for i, v in enumerate(values):
+            if "\t" in v or "\n" in v or "\r" in v:
+                raise CandidateTableError(f"candidate table row {i}, column {c!r}: contains a tab or line break")
+    folder.mkdir(parents=True, exist_ok=True)
+    tsv = folder / "candidates.tsv"
+    with open(tsv, "w") as f:
+        f.write(HEADER + "\n")
+        for i in range(len(table)):
+            f.write("\t".join(cols[c][i] for c in COLUMNS) + "\n")
+    ingest_tsv(tsv, folder / "store", PrepareParams(box_cap=box_cap, workers=1), progress=False)
+    rejects = pd.read_csv(folder / "store" / "rejects.tsv", sep="\t", keep_default_na=False)
+    if len(rejects):
+        line, reason, detail = rejects.iloc[0][["line", "reason", "detail"]]
+        row = int(line) - 2  # line 1 is the header
+        ids = f"product_id={cols['product_id'][row]!r}, query_id={cols['query_id'][row]!r}"
+        raise CandidateTableError(
+            f"candidate table row {row} ({ids}): {reason}" + (f" ({detail})" if detail else "")
+            + (f"; {len(rejects) - 1} more bad row(s)" if len(rejects) > 1 else "")
+        )
+    tsv.unlink()
+    return FeatureStore.open(folder / "store")
+
+
+class Ranker:
+    """The registered model's logic: members + LightGBM re-ranker over one candidate table."""
+
+    def __init__(self, saved: reranker.Saved, members: dict[str, members_mod.Member]):
+        self.spec, self.members, self.boosters, self.pca, self.counts = (saved.spec, members, saved.boosters, saved.pca,
+                                                                          saved.counts)
+        self.feature_spec = saved.feature_spec
+
+    @classmethod
+    def load(cls, paths: dict[str, str]) -> "Ranker":
+        """`paths`: rerank (models/rerank folder), backbone (config + tokenizer folder), member.<name> (model.pt)."""
+        saved = reranker.load(paths["rerank"])
+        members = {m: members_mod.load(paths[f"{MEMBER_PREFIX}{m}"], paths.get("backbone")) for m in saved.spec["members"]}
+        return cls(saved, members)
+
+    def score(self, table: pd.DataFrame, kind: str = "rerank") -> np.ndarray:
+        """One score per row: the re-ranker's mean fold prediction (kind='ensemble': the members' ensemble)."""
+        with tempfile.TemporaryDirectory(prefix="mmrecall-candidates-") as tmp:
+            store = candidate_store(table, Path(tmp), int(self.spec.get("box_cap", 30)))
+            if self.spec["smoothing"]:
+                s = self.spec["smooth"]
+                store = smoothed_store(store, SmoothParams(k=s["k"], weights=s["weights"]))
+            outputs = {}
+            for name, member in self.members.items():
+                scores, fused = members_mod.score(member, store)
+                outputs[name] = (scores.score.to_numpy(), fused)
+            in_table = store.rows.product_id.value_counts()
+            counts = pd.concat([self.counts.reindex(in_table.index).fillna(0), in_table], axis=1).max(axis=1)
+            X, ensemble = build_features(store, outputs, self.feature_spec, self.pca, counts)
+        if kind == "ensemble":
+            return ensemble
+        return np.mean([b.predict(X) for b in self.boosters], axis=0)

@@ -1,0 +1,197 @@
+"""The LightGBM re-ranker, fitted on valid with query-grouped K-fold, and its folder on disk.
+
+The 1st place fitted one LightGBM per checkpoint on valid; here one model takes every member's features
+(ranking/features.py), objective `binary` or `lambdarank`.
+
+Honest evaluation: queries of valid are split into `folds` groups; every valid row gets its prediction
+from the booster of the fold that held its query out, and that booster early-stops on a share of ITS
+training queries. The out-of-fold valid NDCG@5 is the honest one. Test rows get the mean prediction
+over the fold boosters.
+
+The folder (models/rerank/ by default), written by `save` and read by `load`: booster_fold<i>.txt
+(LightGBM text files), pca.npz, counts.parquet (candidate counts over the evaluation files), spec.json
+(members, feature names, preprocessing settings, honest metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+
+from ..config import Params, ParamsError, RerankParams, member_names, to_dict
+from ..data.store import FeatureStore
+from ..errors import MissingInputError, UserError
+from . import outputs
+from .features import FeatureSpec, build_features, fit_pca
+
+MODEL_DIR = Path("models") / "rerank"
+SPEC, PCA, COUNTS = "spec.json", "pca.npz", "counts.parquet"
+
+
+# --- query-grouped K-fold --------------------------------------------------------------------------
+
+
+def query_folds(query_ids: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold (0..k-1) of every row; all rows of a query share one fold; deterministic given the seed."""
+    uniq = np.unique(query_ids)
+    if len(uniq) < k:
+        raise UserError(f"params rerank.folds = {k} but valid has only {len(uniq)} queries")
+    fold_of_query = np.empty(len(uniq), np.int64)
+    fold_of_query[np.random.default_rng(seed).permutation(len(uniq))] = np.arange(len(uniq)) % k
+    return fold_of_query[np.searchsorted(uniq, query_ids)]
+
+
+def lgb_params(rp: RerankParams) -> tuple[dict, dict]:
+    if rp.objective not in ("binary", "lambdarank"):
+        raise ParamsError(f"params rerank.objective: {rp.objective!r}, expected binary or lambdarank")
+    extra = {"metric": "binary_logloss"} if rp.objective == "binary" else {"metric": "ndcg", "eval_at": [5]}
+    p = to_dict(rp.lgbm)
+    rounds = {k: p.pop(k) for k in ("num_boost_round", "early_stopping_rounds")}
+    return {"objective": rp.objective, **extra, **p, "seed": rp.seed, "deterministic": True, "force_col_wise": True,
+            "verbosity": -1}, rounds
+
+
+def _dataset(X: pd.DataFrame, y: np.ndarray, q: np.ndarray, idx: np.ndarray, ranking: bool, reference=None):
+    idx = idx[np.argsort(q[idx], kind="stable")]  # lambdarank needs each query's rows together
+    group = np.unique(q[idx], return_counts=True)[1] if ranking else None
+    return lgb.Dataset(X.iloc[idx], y[idx], group=group, reference=reference, free_raw_data=False)
+
+
+@dataclass
+class OOFResult:
+    oof: np.ndarray  # valid predictions, each from the booster that never saw its query
+    tests: dict[str, np.ndarray]  # other splits: mean over the fold boosters
+    boosters: list[lgb.Booster]
+    folds: list[dict]  # per fold: held-out, training and early-stopping query ids, best iteration
+
+
+def fit_oof(X: pd.DataFrame, y: np.ndarray, query_ids: np.ndarray, tests: dict[str, pd.DataFrame], rp: RerankParams) -> OOFResult:
+    params, rounds = lgb_params(rp)
+    ranking = rp.objective == "lambdarank"
+    fold = query_folds(query_ids, rp.folds, rp.seed)
+    oof = np.full(len(X), np.nan)
+    test_preds = {s: np.zeros(len(t)) for s, t in tests.items()}
+    boosters, info = [], []
+    for k in range(rp.folds):
+        held = np.flatnonzero(fold == k)
+        train_q = np.unique(query_ids[fold != k])
+        rng = np.random.default_rng([rp.seed, k])
+        n_es = max(1, int(round(rp.early_stopping_share * len(train_q))))
+        es_q = rng.choice(train_q, size=n_es, replace=False)
+        fit_q = np.setdiff1d(train_q, es_q)
+        fit_idx = np.flatnonzero(np.isin(query_ids, fit_q))
+        es_idx = np.flatnonzero(np.isin(query_ids, es_q))
+        dtrain = _dataset(X, y, query_ids, fit_idx, ranking)
+        dvalid = _dataset(X, y, query_ids, es_idx, ranking, reference=dtrain)
+        booster = lgb.train(params, dtrain, num_boost_round=rounds["num_boost_round"], valid_sets=[dvalid],
+                            callbacks=[lgb.early_stopping(rounds["early_stopping_rounds"], verbose=False)])
+        best = booster.best_iteration or booster.current_iteration()
+        oof[held] = booster.predict(X.iloc[held], num_iteration=best)
+        for s, t in tests.items():
+            test_preds[s] += booster.predict(t, num_iteration=best) / rp.folds
+        boosters.append(booster)
+        info.append({"fold": k, "held_out": np.unique(query_ids[held]).tolist(), "fit": fit_q.tolist(),
+                     "early_stopping": np.sort(es_q).tolist(), "best_iteration": int(best)})
+    return OOFResult(oof, test_preds, boosters, info)
+
+
+# --- fitting on member outputs ------------------------------------------------------------------
+
+
+def labels_of(store: FeatureStore) -> np.ndarray:
+    answers = store.answers
+    if not answers:
+        raise MissingInputError(f"{store.root}: no answers.json; the re-ranker needs valid's answers")
+    rows = store.rows
+    return np.array([p in answers.get(q, ()) for q, p in zip(rows.query_id, rows.product_id)], dtype=np.float64)
+
+
+@dataclass
+class Variant:
+    spec: FeatureSpec
+    pca: dict
+    result: OOFResult
+    ensemble: dict[str, pd.DataFrame]
+    rerank: dict[str, pd.DataFrame]
+    importance: dict[str, float]
+
+
+def fit_variant(params: Params, stores: dict[str, FeatureStore], counts: pd.Series, smoothing: bool) -> Variant:
+    rp = params.rerank
+    names = member_names(params, rp.members)
+    outputs_dir = Path(params.data.outputs)
+    folder = outputs.smoothed if smoothing else str
+    outs = {s: {m: outputs.read_member(outputs_dir, folder(m), s, st) for m in names} for s, st in stores.items()}
+    spec = FeatureSpec(names, rp.pca_dims, dict(rp.ensemble_weights))
+    pca = {m: fit_pca([outs[s][m][1] for s in stores], rp.pca_dims) for m in names} if rp.pca_dims else {}
+    mats = {s: build_features(st, outs[s], spec, pca, counts) for s, st in stores.items()}
+    spec.names = list(mats["valid"][0].columns)
+    valid = stores["valid"]
+    tests = {s: m[0] for s, m in mats.items() if s != "valid"}
+    result = fit_oof(mats["valid"][0], labels_of(valid), valid.rows.query_id.to_numpy(), tests, rp)
+    preds = {"valid": result.oof, **result.tests}
+    gain = sum(b.feature_importance("gain") for b in result.boosters)
+    importance = dict(sorted(zip(spec.names, (gain / gain.sum()).round(4).tolist()), key=lambda kv: -kv[1])[:15])
+    return Variant(spec, pca, result,
+                   {s: outputs.score_table(st, mats[s][1]) for s, st in stores.items()},
+                   {s: outputs.score_table(st, preds[s]) for s, st in stores.items()}, importance)
+
+
+def save(variant: Variant, params: Params, counts: pd.Series, smoothing: bool, metrics: dict, folder: Path = MODEL_DIR) -> None:
+    """The chosen variant as files the registered model loads: boosters, PCA, counts, spec."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for i, booster in enumerate(variant.result.boosters):
+        booster.save_model(str(folder / f"booster_fold{i}.txt"), num_iteration=variant.result.folds[i]["best_iteration"])
+    np.savez(folder / PCA, **{f"{m}.mean": v[0] for m, v in variant.pca.items()},
+             **{f"{m}.components": v[1] for m, v in variant.pca.items()})
+    counts.rename("count").rename_axis("product_id").reset_index().to_parquet(folder / COUNTS, index=False)
+    spec = {
+        "members": variant.spec.members,
+        "pca_dims": variant.spec.pca_dims,
+        "ensemble_weights": variant.spec.ensemble_weights,
+        "names": variant.spec.names,
+        "objective": params.rerank.objective,
+        "folds": len(variant.result.boosters),
+        "smoothing": smoothing,
+        "smooth": to_dict(params.smooth) | {"members": None},
+        "box_cap": params.prepare.box_cap,
+        "metrics": metrics,
+    }
+    (folder / SPEC).write_text(json.dumps(spec, indent=2) + "\n")
+
+
+@dataclass
+class Saved:
+    """A re-ranker folder read back: its spec, the fold boosters, the PCA per member and the candidate counts."""
+
+    spec: dict
+    boosters: list[lgb.Booster]
+    pca: dict[str, tuple[np.ndarray, np.ndarray]]
+    counts: pd.Series
+
+    @property
+    def feature_spec(self) -> FeatureSpec:
+        s = self.spec
+        return FeatureSpec(s["members"], s["pca_dims"], s["ensemble_weights"], s["names"])
+
+
+def load(folder: str | Path = MODEL_DIR) -> Saved:
+    folder = Path(folder)
+    if not (folder / SPEC).exists():
+        raise MissingInputError(f"{folder / SPEC}: no re-ranker here; run `mmrecall rerank` first")
+    spec = json.loads((folder / SPEC).read_text())
+    boosters = [lgb.Booster(model_file=str(folder / f"booster_fold{i}.txt")) for i in range(spec["folds"])]
+    pca = {}
+    if spec["pca_dims"]:
+        with np.load(folder / PCA) as z:
+            pca = {m: (z[f"{m}.mean"], z[f"{m}.components"]) for m in spec["members"]}
+    counts = pd.read_parquet(folder / COUNTS).set_index("product_id")["count"]
+    return Saved(spec, boosters, pca, counts)

@@ -1,0 +1,87 @@
+"""`mmrecall predict`: submission.csv for testA (and testB when present) through the registered model.
+
+The candidate file data/<split>/<split>.tsv is read as a candidate table and scored by the model at
+params `predict.model_uri` (default models:/mmrecall-ranker@champion), then the post-processing of
+params `evaluate.postprocess` is applied last, and the top 5 per query are written as
+`query-id,product1..product5`. The file is checked by the evaluator's validator (every query of the
+split, 5 distinct ids) and read back with its reader. With answers (synthetic testA) its NDCG@5 is
+reported, and the raw-ranking NDCG@5 next to it. metrics/predict.json has the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+from .. import tracking
+from ..config import Params, load_params, user_path
+from ..errors import MissingInputError
+from ..ranking import postprocess
+from ..ranking.evaluation import candidate_counts, eval_stores
+from ..ranking.metrics import METRIC, evaluate_scores, ndcg_at_5, rank, read_submission, write_metrics, write_submission
+from ..ranking.ranker import read_candidates
+
+log = logging.getLogger(__name__)
+
+
+def submission_path(params: Params, split: str, first: bool) -> Path:
+    out = Path(params.predict.output)
+    return out if first else out.with_name(f"{out.stem}_{split}{out.suffix}")
+
+
+def run(params: Params) -> dict:
+    tracking.setup(params.tracking.experiment)
+    started = time.perf_counter()
+    log.info("loading %s", params.predict.model_uri)
+    model = mlflow.pyfunc.load_model(params.predict.model_uri)
+    load_seconds = time.perf_counter() - started
+    stores = eval_stores(params)
+    counts = candidate_counts(stores)
+    pp = params.evaluate.postprocess
+    report: dict = {"model_uri": params.predict.model_uri, "load_seconds": round(load_seconds, 1)}
+    splits = [s for s in params.predict.splits if (Path(params.data.root) / s / f"{s}.tsv").exists()]
+    if not splits:
+        raise MissingInputError(f"none of params predict.splits {params.predict.splits} has data/<split>/<split>.tsv")
+    for i, split in enumerate(splits):
+        t0 = time.perf_counter()
+        table = read_candidates(Path(params.data.root) / split / f"{split}.tsv")
+        scores = model.predict(table)
+        scored = pd.DataFrame({"query_id": table.query_id, "product_id": table.product_id,
+                               "score": scores["score"].to_numpy()})
+        final = postprocess.apply(scored, pp, counts) if (pp.frequency_filter or pp.exclusivity) else scored
+        path = submission_path(params, split, i == 0)
+        write_submission(rank(final), path, queries=set(table.query_id.tolist()))  # the evaluator's validator
+        entry = {"file": str(path), "queries": int(table.query_id.nunique()), "seconds": round(time.perf_counter() - t0, 1)}
+        answers = stores[split].answers if split in stores else None
+        if answers:
+            entry[METRIC] = round(evaluate_scores(scored, answers), 6)
+            entry[f"{METRIC}_pp"] = round(ndcg_at_5(read_submission(path), answers), 6)  # the file, read back
+        report[split] = entry
+        log.info("%s: %s", split, entry)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    write_metrics(params.data.metrics, "predict", report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mmrecall predict",
+        description="Score data/<split>/<split>.tsv (params predict.splits that exist: testA, testB) with the "
+        "registered model (params predict.model_uri, default models:/mmrecall-ranker@champion), apply the "
+        "post-processing of params evaluate.postprocess, and write submission.csv (testB: submission_testB.csv), "
+        "validated like the evaluator reads it. Writes metrics/predict.json.",
+    )
+    parser.add_argument("--params", type=user_path, help="params file (default: the repository's params.yaml)")
+    parser.add_argument("--model-uri", help="override params predict.model_uri")
+    parser.add_argument("--no-progress", action="store_true", help="accepted for symmetry (no progress bar here)")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    if args.model_uri:
+        params.predict.model_uri = args.model_uri
+    run(params)
+    return 0

@@ -1,0 +1,126 @@
+"""`mmrecall register`: log the whole ranker as an MLflow pyfunc (models-from-code), register it, move `champion`.
+
+- The model is src/mmrecall/ranking/ranker_model.py with the mmrecall package as its code; artifacts: every
+  member checkpoint the re-ranker uses, models/rerank/ (LightGBM boosters as text files, PCA, counts,
+  feature spec with the preprocessing settings) and the backbone's config + tokenizer files. Explicit
+  signature (the nine official columns -> score) and a two-row input example from valid.
+- Registered as params `register.name` (default mmrecall-ranker). The version's tags are its metrics
+  (honest out-of-fold valid NDCG@5, testA, with and without post-processing), the data hash, the git
+  commit and the params hash.
+- The alias `register.alias` (default champion) moves to the new version only when its honest valid
+  NDCG@5 beats the current champion's (strictly); otherwise it stays where it is.
+- Writes metrics/register.json (version, its NDCG@5, the champion before and after).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import tempfile
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import mlflow
+
+from .. import tracking
+from ..config import Params, flatten, load_params, to_dict, user_path
+from ..errors import MissingInputError
+from ..models.backbone import backbone_path
+from ..ranking import members as members_mod
+from ..ranking import reranker
+from ..ranking.metrics import METRIC, write_metrics
+from ..ranking.ranker import MEMBER_PREFIX, MODEL_CODE, SIGNATURE, read_candidates
+
+log = logging.getLogger(__name__)
+
+PACKAGE_DIR = Path(__file__).parents[1]
+REQUIREMENTS = ("torch", "transformers", "lightning", "lightgbm", "faiss-cpu", "numpy", "pandas", "pyarrow", "scipy",
+                "pyyaml", "tqdm", "mlflow")
+HONEST = f"{METRIC}_valid_oof"  # the tag the champion comparison reads
+
+
+def pip_requirements() -> list[str]:
+    """Pinned to what is installed (explicit: MLflow's inference would load the model in a subprocess)."""
+    out = []
+    for name in REQUIREMENTS:
+        try:
+            out.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+def model_tags(spec: dict) -> dict[str, str]:
+    """`ndcg_at_5_valid_oof`, `ndcg_at_5_valid_oof_pp`, `ndcg_at_5_testA[_pp]` ... from the re-ranker's metrics."""
+    tags = {}
+    for split, values in spec["metrics"].items():
+        for key, value in values.items():
+            tags[key.replace(METRIC, f"{METRIC}_{split}")] = f"{value:.6f}"
+    return tags
+
+
+def example_rows(params: Params, n: int = 2):
+    """The first rows of valid's TSV (the input example), or None without data."""
+    tsv = Path(params.data.root) / "valid" / "valid.tsv"
+    return read_candidates(tsv, nrows=n) if tsv.exists() else None
+
+
+def run(params: Params, rerank_dir: Path = reranker.MODEL_DIR) -> dict:
+    started = time.perf_counter()
+    spec = reranker.load(rerank_dir).spec
+    score = float(spec["metrics"]["valid_oof"][METRIC])
+    rp = params.register
+    with tempfile.TemporaryDirectory(prefix="mmrecall-register-") as tmp:
+        artifacts = {"rerank": str(rerank_dir),
+                     "backbone": str(members_mod.copy_tokenizer_files(backbone_path(), Path(tmp) / "backbone"))}
+        for member in spec["members"]:
+            path = members_mod.checkpoint_path(member)
+            if not path.exists():
+                raise MissingInputError(f"{path}: checkpoint of member {member!r} (models/rerank/spec.json) is missing")
+            artifacts[f"{MEMBER_PREFIX}{member}"] = str(path)
+        code = Path(tmp) / "mmrecall"
+        shutil.copytree(PACKAGE_DIR, code, ignore=shutil.ignore_patterns("__pycache__"))
+        with tracking.start_run("register", stage="register", params=flatten({"register": to_dict(rp)}),
+                                experiment=params.tracking.experiment, tags={"model": rp.name}) as run:
+            info = mlflow.pyfunc.log_model(
+                name="ranker",
+                python_model=str(MODEL_CODE),
+                artifacts=artifacts,
+                code_paths=[str(code)],
+                signature=SIGNATURE,
+                input_example=example_rows(params),
+                pip_requirements=pip_requirements(),
+                registered_model_name=rp.name,
+            )
+            mlflow.log_metric(METRIC, score)
+            run_id = run.info.run_id
+    client = mlflow.MlflowClient()
+    version_ = str(info.registered_model_version)
+    tags = {**model_tags(spec), **tracking.standard_tags("register", to_dict(params.rerank)), "run_id": run_id,
+            "members": ",".join(spec["members"]), "smoothing": str(spec["smoothing"]).lower()}
+    for key, value in tags.items():
+        client.set_model_version_tag(rp.name, version_, key, value)
+    decision = tracking.promote_if_better(client, rp.name, rp.alias, version_, score, HONEST)
+    report = {"name": rp.name, "version": version_, HONEST: score, "alias": rp.alias, **decision,
+              "model_uri": f"models:/{rp.name}/{version_}", "seconds": round(time.perf_counter() - started, 1)}
+    write_metrics(params.data.metrics, "register", report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mmrecall register",
+        description="Log the ranker (members + LightGBM re-ranker + tokenizer files + settings) as an MLflow pyfunc "
+        "with an explicit signature, register it as params register.name, tag the version with its metrics and "
+        "data hash, and move the alias register.alias to it only if its honest (out-of-fold) valid NDCG@5 beats "
+        "the current holder's. Writes metrics/register.json.",
+    )
+    parser.add_argument("--params", type=user_path, help="params file (default: the repository's params.yaml)")
+    parser.add_argument("--no-progress", action="store_true", help="accepted for symmetry (no progress bar here)")
+    args = parser.parse_args(argv)
+    report = run(load_params(args.params))
+    log.info("%s v%s (honest valid %s %.4f); %s -> v%s%s", report["name"], report["version"], METRIC, report[HONEST],
+             report["alias"], report["champion"], " (moved)" if report["moved"] else " (not moved)")
+    return 0

@@ -1,0 +1,232 @@
+"""Fitting one member (model x seed), in named steps that the train stage and the tuning study share.
+
+    setup = build_data("mcan", 1, params)                     # seeds, train data + hard negatives, the model
+    trainer, best = build_trainer(setup, ckpt_dir)            # Lightning Trainer, best-checkpoint callback
+    seconds = train(setup, trainer)                           # valid NDCG@5 every eval_every steps
+    best_step = load_best(setup, best)                        # the best checkpoint's weights back in the model
+    report = write_member_outputs(setup, params, best_step)   # score tables, fused vectors, model.pt
+    result = log_member(setup, run, report, best_step, seconds)
+
+`fit_member` runs them all inside the member's MLflow run (what `mmrecall train` does); the tuning study
+runs the first three only.
+
+- Data: train rows grouped by cleaned query text; the 1st place's TF-IDF similar-query hard negatives,
+  re-drawn every "epoch" (= `eval_every` steps) from a seed that depends only on (seed, epoch); the
+  two-tower trains on positive pairs with the solo team's in-batch loss, a share of each of its batches
+  (`in_batch_neighbours`) being rows of TF-IDF pool neighbours of the other rows: hard in-batch negatives.
+- Lightning Trainer (cpu by default; devices / strategy / precision from params). Valid NDCG@5 every
+  `eval_every` steps; the best checkpoint by valid NDCG@5 is kept. An interrupted run resumes from its
+  last checkpoint in checkpoints/<member>/ (kept outside DVC's outs, which DVC deletes before a stage
+  runs) when it was written with the same params and data.
+- Outputs: models/<model>/seed<k>/model.pt (ranking/members.py), outputs/<member>/ (ranking/outputs.py).
+- MLflow: run `<model>-seed<k>` nested under a parent run `<model>` that carries mean and std of NDCG@5
+  over the finished seeds; loss, lr and ndcg_at_5 as step series; model.pt as an artifact. Only global
+  rank 0 logs; the other DDP ranks train and return {}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import mlflow
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from .. import tracking
+from ..config import Params, TrainParams, flatten, member_name, to_dict
+from ..data.batching import EvalBatches, TrainData
+from ..data.store import FeatureStore
+from ..errors import MissingInputError
+from ..models.backbone import load_tokenizer
+from ..models.registry import MODELS, build_model, model_config
+from ..ranking import members, outputs
+from ..ranking.evaluation import eval_stores, flat_metrics, model_report
+from ..ranking.metrics import METRIC
+from .module import MemberDataModule, StopAfter, TrainingModule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainSetup:
+    """Everything one member's training needs, built once by `build_data`."""
+
+    model_name: str  # mcan, visualbert, two_tower
+    seed: int
+    train: TrainParams  # params.train with the model's overrides applied
+    config: object  # the model's config dataclass
+    run_params: dict  # what the member's MLflow run logs; its hash fingerprints checkpoints
+    stores: dict[str, FeatureStore]  # the evaluation splits
+    eval_batches: dict[str, EvalBatches]  # tokenised once; valid is scored every eval_every steps
+    module: TrainingModule
+    datamodule: MemberDataModule
+
+    @property
+    def member(self) -> str:
+        return member_name(self.model_name, self.seed)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.module.model
+
+
+def build_data(name: str, seed: int, params: Params) -> TrainSetup:
+    """Seed everything, then the train data with its hard-negative sampler, the eval batches and the model."""
+    tp = params.train.for_model(name)
+    if tp.num_threads:
+        torch.set_num_threads(tp.num_threads)
+    L.seed_everything(seed, workers=True, verbose=False)
+    cfg = model_config(name, tp)
+    run_params = {
+        **flatten({"train": {k: v for k, v in to_dict(tp).items() if k not in MODELS and k not in ("models", "seeds", "overrides")}}),
+        **flatten({name: dataclasses.asdict(cfg)}),
+        "model": name,
+        "seed": seed,
+    }
+    train_store = FeatureStore.open(Path(params.data.features) / "train")
+    stores = eval_stores(params)
+    if "valid" not in stores:
+        raise MissingInputError(f"{params.data.features}/valid: no feature store (run `mmrecall prepare --split valid`)")
+    tokenizer = load_tokenizer(cfg.backbone)
+    data = TrainData(train_store, tokenizer, tp, seed, pairwise=name == "two_tower")
+    eval_batches = {split: EvalBatches(store, tokenizer, tp.max_query_len, tp.eval_batch_size, tp.max_boxes)
+                    for split, store in stores.items()}
+    model = build_model(name, cfg)  # after seed_everything: the same seed gives the same initial weights
+    module = TrainingModule(name, model, tp, seed, stores["valid"])
+    datamodule = MemberDataModule(data, eval_batches["valid"], tp.eval_every)
+    return TrainSetup(name, seed, tp, cfg, run_params, stores, eval_batches, module, datamodule)
+
+
+class LogEvaluations(Callback):
+    """One log line per evaluation: step / steps, valid NDCG@5, elapsed and estimated time left."""
+
+    def __init__(self, member: str, steps: int):
+        self.member, self.steps, self.started = member, steps, time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        step, elapsed = trainer.global_step, time.perf_counter() - self.started
+        left = elapsed / max(step, 1) * (self.steps - step)
+        log.info("%s: step %d/%d, valid %s %.4f, %.0f s elapsed, ~%.0f s left", self.member, step, self.steps, METRIC,
+                 float(trainer.callback_metrics[METRIC]), elapsed, left)
+
+
+def checkpoint_dir(setup: TrainSetup, resume: bool = True, root: str | Path = "checkpoints") -> Path:
+    """checkpoints/<member>/, emptied unless it holds checkpoints of the same params and data (then resumable)."""
+    fingerprint = tracking.params_hash({**setup.run_params, "data": tracking.data_hash()})
+    folder = Path(root) / setup.member
+    marker = folder / "params_hash"
+    if folder.exists() and (not resume or not marker.exists() or marker.read_text() != fingerprint):
+        shutil.rmtree(folder)  # stale: written with other params or data
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text(fingerprint)
+    return folder
+
+
+def build_trainer(setup: TrainSetup, ckpt_dir: Path, progress: bool = True, callbacks: list[Callback] | None = None,
+                  stop_after: int | None = None) -> tuple[L.Trainer, ModelCheckpoint]:
+    """The Lightning Trainer of a member and its best-checkpoint callback (by valid NDCG@5)."""
+    tp = setup.train
+    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=METRIC, mode="max", save_top_k=1, save_last=True,
+                           save_on_train_epoch_end=True)  # an epoch boundary: resumes exactly
+    callbacks = [best, LogEvaluations(setup.member, tp.steps), *(callbacks or [])]
+    if stop_after:
+        callbacks.append(StopAfter(stop_after))
+    trainer = L.Trainer(
+        accelerator=tp.accelerator,
+        devices=tp.devices,
+        num_nodes=tp.num_nodes,
+        strategy=tp.strategy,
+        precision=tp.precision,
+        max_steps=tp.steps,
+        max_epochs=-1,  # max_steps ends the run: a resumed run recounts epochs and would stop one early
+        limit_train_batches=tp.eval_every,
+        reload_dataloaders_every_n_epochs=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        callbacks=callbacks,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        deterministic=True,
+        default_root_dir=str(ckpt_dir),
+    )
+    return trainer, best
+
+
+def train(setup: TrainSetup, trainer: L.Trainer, resume_from: Path | None = None) -> float:
+    """Run the training (from `resume_from`, a last.ckpt, if given); returns the wall time in seconds."""
+    started = time.perf_counter()
+    trainer.fit(setup.module, datamodule=setup.datamodule, ckpt_path=str(resume_from) if resume_from else None)
+    return time.perf_counter() - started
+
+
+def load_best(setup: TrainSetup, best: ModelCheckpoint) -> int:
+    """Load the best checkpoint's weights into the model; returns its step."""
+    blob = torch.load(best.best_model_path, map_location="cpu", weights_only=False)
+    setup.model.load_state_dict({k.removeprefix("model."): v for k, v in blob["state_dict"].items()})
+    return int(blob["global_step"])
+
+
+def write_member_outputs(setup: TrainSetup, params: Params, best_step: int) -> dict:
+    """Score every evaluation split (outputs/<member>/), save models/<model>/seed<k>/model.pt; returns the NDCG@5 report."""
+    tables = {}
+    for split, batches in setup.eval_batches.items():
+        tables[split], fused = members.score_batches(setup.model, batches)
+        outputs.write(params.data.outputs, setup.member, split, tables[split], fused)
+    members.save(members.checkpoint_path(setup.member), setup.model_name, setup.config, setup.model,
+                 {"seed": setup.seed, "best_step": best_step, "train": to_dict(setup.train)})
+    return model_report(tables, params, setup.stores)
+
+
+def log_member(setup: TrainSetup, report: dict, best_step: int, seconds: float) -> dict:
+    """Log the member's final metrics and checkpoint to its (active) MLflow run; returns the member's result."""
+    samples_per_s = setup.module.samples_seen / max(seconds, 1e-9)
+    metrics = flat_metrics(report)
+    mlflow.log_metrics({f"best_{k}" if k == METRIC else k: v for k, v in metrics.items()})
+    mlflow.log_metrics({"best_step": best_step, "train_seconds": seconds, "samples_per_s": samples_per_s})
+    mlflow.log_artifact(str(members.checkpoint_path(setup.member)), artifact_path="checkpoint")
+    return {**report, "best_step": best_step, "steps": setup.train.steps, "train_seconds": round(seconds, 1),
+            "samples_per_s": round(samples_per_s, 1), "mlflow_run_id": mlflow.active_run().info.run_id}
+
+
+def is_global_rank_zero() -> bool:
+    """Before the Trainer exists: Lightning's DDP launcher starts ranks > 0 with LOCAL_RANK / NODE_RANK set
+    (torchrun and SLURM set RANK)."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"]) == 0
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+def fit_member(name: str, seed: int, params: Params, progress: bool = True, stop_after: int | None = None,
+               resume: bool = True) -> dict:
+    """Train one member and write its outputs, inside its MLflow run; returns its result ({} on DDP ranks > 0)."""
+    setup = build_data(name, seed, params)
+    ckpt_dir = checkpoint_dir(setup, resume)
+    last = ckpt_dir / "last.ckpt"
+    trainer, best = build_trainer(setup, ckpt_dir, progress, stop_after=stop_after)
+    lead = is_global_rank_zero()  # DDP: the other ranks re-run this function and must not log runs
+    parent_id = tracking.member_parent(name, setup.run_params, params.tracking.experiment) if lead else None
+    run = tracking.start_run(setup.member, stage="train", params=setup.run_params, experiment=params.tracking.experiment,
+                             tags={"model": name, "seed": str(seed), "mlflow.parentRunId": parent_id, "kind": "member"}
+                             ) if lead else contextlib.nullcontext()
+    with run:
+        if resume and last.exists():
+            log.info("%s: resuming from %s", setup.member, last)
+        seconds = train(setup, trainer, last if resume and last.exists() else None)
+        if not trainer.is_global_zero:
+            return {}
+        best_step = load_best(setup, best)
+        report = write_member_outputs(setup, params, best_step)
+        result = log_member(setup, report, best_step, seconds)
+    tracking.update_parent(parent_id, METRIC)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: nothing to resume
+    return result
