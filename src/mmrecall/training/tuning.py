@@ -186,7 +186,7 @@ def make_objective(params: Params, parent_id: str, progress: bool, worker: int =
     ranges = tp.ranges()
 
     def objective(trial: optuna.Trial) -> float:
-        values = {key: trial.suggest_float(key, low, high, log=log) for key, (low, high, log) in ranges.items()}
+        values = {key: trial.suggest_float(key, low, high, log=is_log) for key, (low, high, is_log) in ranges.items()}
         trial_params = with_model_values(params, tp.model, {**values, "steps": tp.steps, "eval_every": tp.eval_every})
         run_params = {**values, "model": tp.model, "seed": tp.seed, "steps": tp.steps, "trial": trial.number}
         tags = {"kind": "trial", "model": tp.model, "optuna.study_name": trial.study.study_name,
