@@ -102,7 +102,7 @@ class TrainParams:
     eval_batch_size: int = 256
     accelerator: str = "cpu"  # Lightning: cpu, gpu, auto
     devices: int = 1  # processes per node with strategy ddp
-    num_nodes: int = 1  # machines (DDP across nodes: MASTER_ADDR, MASTER_PORT, NODE_RANK on each; see README)
+    num_nodes: int = 1  # machines (DDP across nodes: MASTER_ADDR, MASTER_PORT, NODE_RANK on each; see docs/scaling-out.md)
     strategy: str = "auto"  # ddp for several GPUs / nodes
     precision: str = "32-true"  # 16-mixed / bf16-mixed on GPUs
     num_threads: int = 0  # torch CPU threads (0 = torch's default)
