@@ -33,6 +33,9 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from .config import member_name, repo_root  # noqa: E402
 
 DEFAULT_EXPERIMENT = "mmrecall"
+# MLflow 3's UI opens an experiment by its kind: this one is model training (its runs and charts), not the GenAI
+# "Overview" of traces that an untagged experiment gets.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def tracking_uri() -> str:
@@ -92,7 +95,10 @@ def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
         if env_id and _experiment_exists(env_id):
             return env_id
         found = mlflow.get_experiment_by_name(experiment)
-        exp_id = found.experiment_id if found else mlflow.create_experiment(experiment)
+        exp_id = found.experiment_id if found else mlflow.create_experiment(experiment, tags=EXPERIMENT_TAGS)
+        if found and any(k not in found.tags for k in EXPERIMENT_TAGS):
+            for key, value in EXPERIMENT_TAGS.items():  # a store from before the tag: set it once
+                mlflow.MlflowClient().set_experiment_tag(exp_id, key, value)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
