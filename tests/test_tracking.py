@@ -19,3 +19,13 @@ def test_setup_keeps_the_experiment_mlflow_run_chose(monkeypatch):
     mine = mlflow.create_experiment("chosen-by-mlflow-run")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", mine)
     assert tracking.setup() == mine
+
+
+def test_the_experiment_is_a_model_training_one(monkeypatch):
+    """MLflow 3's UI opens an experiment by its kind: ours opens on its runs, however it was created."""
+    exp_id = tracking.setup()
+    assert mlflow.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    other = mlflow.create_experiment("made-by-mlflow-run")  # as `mlflow run --experiment-name` makes it
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", other)
+    assert tracking.setup() == other
+    assert mlflow.get_experiment(other).tags["mlflow.experimentKind"] == "custom_model_development"

@@ -92,14 +92,14 @@ def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
         # Inside `mlflow run` (or after an earlier `set_experiment`, which exports the same variable)
         # keep that experiment, but only if it lives in this store: a stale id from another store is ignored.
         env_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
-        if env_id and _experiment_exists(env_id):
-            return env_id
-        found = mlflow.get_experiment_by_name(experiment)
+        chosen = mlflow.get_experiment(env_id) if env_id and _experiment_exists(env_id) else None
+        found = chosen or mlflow.get_experiment_by_name(experiment)
         exp_id = found.experiment_id if found else mlflow.create_experiment(experiment, tags=EXPERIMENT_TAGS)
         if found and any(k not in found.tags for k in EXPERIMENT_TAGS):
-            for key, value in EXPERIMENT_TAGS.items():  # a store from before the tag: set it once
+            for key, value in EXPERIMENT_TAGS.items():  # made by `mlflow run`, or before the tag: set it once
                 mlflow.MlflowClient().set_experiment_tag(exp_id, key, value)
-    mlflow.set_experiment(experiment_id=exp_id)
+    if chosen is None:
+        mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
 
