@@ -29,3 +29,13 @@ def test_the_experiment_is_a_model_training_one(monkeypatch):
     monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", other)
     assert tracking.setup() == other
     assert mlflow.get_experiment(other).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_ui_prints_the_link_to_the_training_runs(tmp_path, monkeypatch, capsys):
+    from mmrecall.stages import ui
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("{}\n")
+    assert ui.main(["--print-url", "--port", "5123"]) == 0
+    exp_id = mlflow.get_experiment_by_name("mmrecall").experiment_id
+    assert capsys.readouterr().out.strip() == f"http://127.0.0.1:5123/#/experiments/{exp_id}?workflowType=machine_learning"

@@ -33,8 +33,8 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from .config import member_name, repo_root  # noqa: E402
 
 DEFAULT_EXPERIMENT = "mmrecall"
-# MLflow 3's UI opens an experiment by its kind: this one is model training (its runs and charts), not the GenAI
-# "Overview" of traces that an untagged experiment gets.
+# This experiment is model training (its runs and charts), not GenAI development (traces); MLflow 3 reads the kind
+# from this tag (its UI's starting mode still needs `workflowType=machine_learning` in the link: experiment_url).
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
@@ -101,6 +101,11 @@ def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
     if chosen is None:
         mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def experiment_url(base: str, experiment_id: str) -> str:
+    """The UI link that opens an experiment on its training runs (MLflow 3's UI otherwise starts in GenAI mode)."""
+    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
 def claim_project_run() -> str | None:
