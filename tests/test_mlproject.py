@@ -122,3 +122,25 @@ def test_entry_points_rerank_register_predict(project):
     for entry in ("rerank", "register", "predict"):
         mlflow_run(entry, repo=repo, env=env)
         assert entry in set(runs(repo)["tags.mlflow.project.entryPoint"])
+
+
+@pytest.mark.slow
+def test_tune_and_train_bring_their_inputs_on_a_fresh_clone(project):
+    """No data, no features: each entry point makes what it reads through DVC, in any order."""
+    repo, env = project
+    out = mlflow_run("tune", "n_trials=4", repo=repo, env=env)
+    assert "holds no dataset: writing the synthetic one" in out and "dvc repro prepare" in out
+    assert (repo / "data.dvc").exists() and (repo / "features" / "valid" / "meta.json").exists()
+    found = runs(repo)
+    parent = found[found["tags.kind"] == "study"]
+    assert len(parent) == 1
+    trials = found[found["tags.mlflow.parentRunId"] == parent.iloc[0].run_id]
+    assert sorted(trials["tags.mlflow.runName"]) == [f"trial-{n}" for n in range(4)]
+    assert (repo / "best_params.yaml").exists()
+
+    out = mlflow_run("train", "model=mcan", "seed=1", repo=repo, env=env)
+    assert "holds no dataset" not in out  # the data and features were there: only the member trains
+    member = runs(repo).set_index("tags.mlflow.runName").loc["mcan-seed1"]
+    assert member["tags.mlflow.project.entryPoint"] == "train" and member["metrics.best_ndcg_at_5"] > 0
+    experiment = mlflow.get_experiment_by_name("mmrecall")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # mlflow ui opens on the runs

@@ -96,3 +96,16 @@ def test_dvc_repro_end_to_end(repo):
     again = sh("dvc", "repro", cwd=repo, env=env)  # nothing changed: nothing runs, nothing is logged
     assert "Running stage" not in again and "up to date" in again
     assert len(mlflow.search_runs(experiment_names=["mmrecall"])) == 6
+
+    # DVC's experiment loop: the metrics and dvc.lock are committed (metrics/ is not git-ignored), so an
+    # experiment compares against that baseline.
+    sh("git", "add", "-A", cwd=repo, env=env)
+    sh("git", "commit", "-qm", "baseline", cwd=repo, env=env)
+    assert "metrics/train/mcan-seed1.json" in sh("git", "ls-files", "metrics", cwd=repo, env=env)
+    sh("dvc", "exp", "run", "-S", "train.steps=2", cwd=repo, env=env)
+    diff = sh("dvc", "metrics", "diff", "--json", cwd=repo, env=env)
+    changed, _ = json.JSONDecoder().raw_decode(diff[diff.index("{"):])
+    assert "metrics/train/mcan-seed1.json" in changed and "steps" in changed["metrics/train/mcan-seed1.json"]
+    assert changed["metrics/train/mcan-seed1.json"]["steps"] == {"old": 4, "new": 2, "diff": -2}
+    shown = sh("dvc", "exp", "show", "--csv", cwd=repo, env=env)
+    assert "train.steps" in shown and "workspace" in shown and "valid.ndcg_at_5" in shown

@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from mmrecall import tracking
-from mmrecall.config import RerankParams, SmoothParams, load_params
+from mmrecall.config import PrepareParams, RerankParams, SmoothParams, load_params
+from mmrecall.data.ingest import ingest_tsv
 from mmrecall.data.store import FeatureStore
 from mmrecall.models.mcan import MCAN, MCANConfig
 from mmrecall.ranking import members, reranker
@@ -187,23 +188,30 @@ def test_malformed_candidate_table_gives_a_clear_error(micro_data, tmp_path):
     bad = table.copy()
     bad.loc[2, "features"] = bad.loc[2, "features"][:-8] + "!!!!!!!!"
     with pytest.raises(CandidateTableError, match=r"row 2 .*bad_base64 \(features"):
-        candidate_store(bad, tmp_path / "a")
+        candidate_store(bad)
     short = table.copy()
     short.loc[1, "num_boxes"] = short.loc[1, "num_boxes"] + 1
     with pytest.raises(CandidateTableError, match=r"row 1 .*length_mismatch"):
-        candidate_store(short, tmp_path / "b")
+        candidate_store(short)
     with pytest.raises(CandidateTableError, match=r"missing column\(s\) \['features'\]"):
-        candidate_store(table.drop(columns=["features"]), tmp_path / "c")
+        candidate_store(table.drop(columns=["features"]))
     tabbed = table.copy()
     tabbed.loc[3, "query"] = "red\tdress"
     with pytest.raises(CandidateTableError, match=r"row 3, column 'query'"):
-        candidate_store(tabbed, tmp_path / "d")
+        candidate_store(tabbed)
 
 
 def test_smoothed_store_keeps_rows_and_changes_features(micro_data, tmp_path):
     table = read_candidates(micro_data / "valid" / "valid.tsv", nrows=60)
-    store = candidate_store(table, tmp_path)  # the pyfunc's decoding = prepare's
+    store = candidate_store(table)  # the pyfunc's decoding (in memory) = prepare's (on disk)
     assert store.rows.product_id.tolist() == table.product_id.tolist()
+    lines = (micro_data / "valid" / "valid.tsv").read_text().splitlines(keepends=True)[:61]
+    (tmp_path / "head.tsv").write_text("".join(lines))
+    ingest_tsv(tmp_path / "head.tsv", tmp_path / "store", PrepareParams(workers=1), progress=False)
+    disk = FeatureStore.open(tmp_path / "store")
+    pd.testing.assert_frame_equal(store.rows.drop(columns="line"), disk.rows.drop(columns="line"))
+    for name in ("features", "boxes", "labels"):
+        np.testing.assert_array_equal(getattr(store, name), np.asarray(getattr(disk, name)), err_msg=name)
     smooth = smoothed_store(store, SmoothParams())
     assert smooth.rows is store.rows or smooth.rows.equals(store.rows)
     assert smooth.features.shape == store.features.shape and not np.array_equal(smooth.features, store.features)

@@ -19,3 +19,23 @@ def test_setup_keeps_the_experiment_mlflow_run_chose(monkeypatch):
     mine = mlflow.create_experiment("chosen-by-mlflow-run")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", mine)
     assert tracking.setup() == mine
+
+
+def test_the_experiment_is_a_model_training_one(monkeypatch):
+    """MLflow 3's UI opens an experiment by its kind: ours opens on its runs, however it was created."""
+    exp_id = tracking.setup()
+    assert mlflow.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    other = mlflow.create_experiment("made-by-mlflow-run")  # as `mlflow run --experiment-name` makes it
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", other)
+    assert tracking.setup() == other
+    assert mlflow.get_experiment(other).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_ui_prints_the_link_to_the_training_runs(tmp_path, monkeypatch, capsys):
+    from mmrecall.stages import ui
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("{}\n")
+    assert ui.main(["--print-url", "--port", "5123"]) == 0
+    exp_id = mlflow.get_experiment_by_name("mmrecall").experiment_id
+    assert capsys.readouterr().out.strip() == f"http://127.0.0.1:5123/#/experiments/{exp_id}?workflowType=machine_learning"

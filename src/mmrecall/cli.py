@@ -13,12 +13,13 @@ import importlib
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from . import config
 from .errors import UserError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mmrecall.cli")  # (not __name__: that is __main__ under `python -m mmrecall.cli`)
 
 COMMANDS = {
     "synth": "write a synthetic dataset in the official format and layout",
@@ -34,6 +35,8 @@ COMMANDS = {
     "summary": "metrics JSON + markdown table of members, ensemble, re-ranker, smoothing, post-proc",
     "report": "print the metrics tables of the last `dvc repro`",
     "apply-config": "merge a configuration overlay such as configs/faithful.yaml into params.yaml",
+    "inputs": "make what a command reads through DVC (synthetic data, dvc repro of its upstream stages)",
+    "ui": "mlflow ui on the project's store, with the link that opens the experiment on its training runs",
 }
 
 
@@ -79,6 +82,11 @@ def enter_repo_root() -> None:
         log.debug("working in %s (the folder of %s)", found.parent, config.PARAMS_FILE)
 
 
+def is_pipeline_step(command: str, rest: list[str]) -> bool:
+    """A stage of the pipeline (its start and end are logged), not a one-off lookup such as scoring one file."""
+    return command not in ("report", "apply-config", "ui") and "--submission" not in rest and not {"-h", "--help"} & set(rest)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -91,10 +99,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmrecall: unknown command {command!r}\n\n{usage()}", end="", file=sys.stderr)
         return 2
     setup_logging(debug)
+    started = time.perf_counter()
     try:
         enter_repo_root()
         module = importlib.import_module(module_name(command))
-        return int(module.main(rest) or 0)
+        level = logging.INFO if is_pipeline_step(command, rest) else logging.DEBUG
+        log.log(level, "mmrecall %s: start", " ".join([command, *rest]))
+        code = int(module.main(rest) or 0)
+        log.log(level, "mmrecall %s: %s in %.1f s", command, "done" if code == 0 else f"exit {code}",
+                time.perf_counter() - started)
+        return code
     except (UserError, OSError) as e:
         if debug:
             raise

@@ -33,6 +33,9 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from .config import member_name, repo_root  # noqa: E402
 
 DEFAULT_EXPERIMENT = "mmrecall"
+# This experiment is model training (its runs and charts), not GenAI development (traces); MLflow 3 reads the kind
+# from this tag (its UI's starting mode still needs `workflowType=machine_learning` in the link: experiment_url).
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def tracking_uri() -> str:
@@ -89,12 +92,20 @@ def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
         # Inside `mlflow run` (or after an earlier `set_experiment`, which exports the same variable)
         # keep that experiment, but only if it lives in this store: a stale id from another store is ignored.
         env_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
-        if env_id and _experiment_exists(env_id):
-            return env_id
-        found = mlflow.get_experiment_by_name(experiment)
-        exp_id = found.experiment_id if found else mlflow.create_experiment(experiment)
-    mlflow.set_experiment(experiment_id=exp_id)
+        chosen = mlflow.get_experiment(env_id) if env_id and _experiment_exists(env_id) else None
+        found = chosen or mlflow.get_experiment_by_name(experiment)
+        exp_id = found.experiment_id if found else mlflow.create_experiment(experiment, tags=EXPERIMENT_TAGS)
+        if found and any(k not in found.tags for k in EXPERIMENT_TAGS):
+            for key, value in EXPERIMENT_TAGS.items():  # made by `mlflow run`, or before the tag: set it once
+                mlflow.MlflowClient().set_experiment_tag(exp_id, key, value)
+    if chosen is None:
+        mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def experiment_url(base: str, experiment_id: str) -> str:
+    """The UI link that opens an experiment on its training runs (MLflow 3's UI otherwise starts in GenAI mode)."""
+    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
 def claim_project_run() -> str | None:

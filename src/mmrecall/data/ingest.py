@@ -22,7 +22,9 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from ..config import PrepareParams
+from ..console import show_bars
 from . import store
+from .store import FeatureStore
 from .text import clean_query
 from .tsv import FEATURE_DIM, Chunk, check_header, line_spans, parse_span
 
@@ -40,6 +42,33 @@ ROW_SCHEMA = pa.schema(
         ("line", pa.int64()),
     ]
 )
+
+
+def rows_table(chunk: Chunk, offsets: np.ndarray, first_line: int) -> pa.Table:
+    """The store's rows of a parsed chunk: ids, query (raw and cleaned), box counts and offsets, file line."""
+    return pa.table(
+        {
+            "product_id": chunk.product_id,
+            "query_id": chunk.query_id,
+            "query": chunk.query,
+            "query_clean": [clean_query(q) for q in chunk.query],
+            "num_boxes": chunk.num_boxes,
+            "n_kept": chunk.n_kept,
+            "offset": offsets,
+            "image_h": chunk.image_h,
+            "image_w": chunk.image_w,
+            "line": first_line + np.asarray(chunk.line, dtype=np.int64),
+        },
+        schema=ROW_SCHEMA,
+    )
+
+
+def in_memory_store(chunk: Chunk) -> FeatureStore:
+    """A feature store of a parsed chunk held in memory (the registered model's requests): no files."""
+    counts = np.asarray(chunk.n_kept, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]) if len(chunk) else np.zeros(0, np.int64)
+    rows = rows_table(chunk, offsets, first_line=0).to_pandas()
+    return FeatureStore.in_memory(rows, chunk.features, chunk.boxes, chunk.labels)
 
 
 def ingest_tsv(
@@ -63,7 +92,7 @@ def ingest_tsv(
     reasons: Counter[str] = Counter()
     rows_read = rows_kept = filtered = offset = 0
     first_line = 2  # file line of the next chunk's first line (line 1 is the header)
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"prepare {tsv.name}", disable=not progress)
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"prepare {tsv.name}", disable=not show_bars(progress))
     with (
         open(out_dir / store.FEATURES, "wb") as f_feat,
         open(out_dir / store.BOXES, "wb") as f_box,
@@ -82,22 +111,7 @@ def ingest_tsv(
             f_feat.write(np.ascontiguousarray(chunk.features))
             f_box.write(np.ascontiguousarray(chunk.boxes))
             f_lab.write(np.ascontiguousarray(chunk.labels))
-            table = pa.table(
-                {
-                    "product_id": chunk.product_id,
-                    "query_id": chunk.query_id,
-                    "query": chunk.query,
-                    "query_clean": [clean_query(q) for q in chunk.query],
-                    "num_boxes": chunk.num_boxes,
-                    "n_kept": chunk.n_kept,
-                    "offset": offsets,
-                    "image_h": chunk.image_h,
-                    "image_w": chunk.image_w,
-                    "line": first_line + np.asarray(chunk.line, dtype=np.int64),
-                },
-                schema=ROW_SCHEMA,
-            )
-            rows_writer.write_table(table)
+            rows_writer.write_table(rows_table(chunk, offsets, first_line))
             for line, reason, detail in chunk.rejects:
                 f_rej.write(f"{first_line + line}\t{reason}\t{detail}\n")
                 reasons[reason] += 1

@@ -58,6 +58,15 @@ class FeatureStore:
             raise MissingInputError(f"{root}: no feature store here (run `mmrecall prepare` or `dvc repro` first)")
         return cls(root)
 
+    @classmethod
+    def in_memory(cls, rows: pd.DataFrame, features: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
+                  answers: dict[int, set[int]] | None = None) -> "FeatureStore":
+        """A store whose rows and arrays are already in memory (same layout as the files; nothing is read)."""
+        out = cls(Path("<memory>"))
+        out.__dict__.update(rows=rows, features=features, boxes=boxes, labels=labels, answers=answers,
+                            meta={"total_boxes": len(features)})  # the cached properties' values
+        return out
+
     @cached_property
     def meta(self) -> dict:
         return json.loads((self.root / META).read_text())

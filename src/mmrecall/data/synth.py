@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..config import SynthParams
+from ..console import show_bars
 from .tsv import FEATURE_DIM, HEADER, encode_row
 
 # (noun, class id in multimodal_labels.txt)
@@ -265,7 +266,7 @@ def generate(out: Path, params: SynthParams, progress: bool = True) -> dict:
             rows.append((next_id(), world.product_for(q), text, qid))
     rows = [rows[i] for i in rng.permutation(len(rows))]
     writer = Writer(out / "train" / "train.tsv", world, {})
-    for pid, p, text, qid in tqdm(rows, desc="synth train", disable=not progress):
+    for pid, p, text, qid in tqdm(rows, desc="synth train", disable=not show_bars(progress)):
         writer.write(pid, p, text, qid)
         writer.images.clear()  # train products are not reused
     writer.close()
@@ -279,7 +280,7 @@ def generate(out: Path, params: SynthParams, progress: bool = True) -> dict:
         queries = _eval_split(world, n, params, pool, next_id, rng, junk=True)
         writer = Writer(out / split / f"{split}.tsv", world, images)
         answers = {}
-        for qid, text, cands in tqdm(queries, desc=f"synth {split}", disable=not progress):
+        for qid, text, cands in tqdm(queries, desc=f"synth {split}", disable=not show_bars(progress)):
             for pid, p, is_answer in cands:
                 writer.write(pid, p, text, qid)
             answers[str(qid)] = [pid for pid, _, a in cands if a]

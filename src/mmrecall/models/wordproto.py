@@ -16,6 +16,7 @@ import scipy.sparse as sp
 from tqdm import tqdm
 
 from ..config import BaselineParams
+from ..console import show_bars
 from ..data.store import FeatureStore
 from ..data.text import words
 from ..data.tsv import FEATURE_DIM
@@ -33,7 +34,7 @@ class WordPrototypes:
         sums = np.zeros((len(vocab), FEATURE_DIM), np.float64)
         total = np.zeros(FEATURE_DIM, np.float64)
         step = params.chunk_rows
-        for start in tqdm(range(0, len(train), step), desc="wordproto fit", disable=not progress):
+        for start in tqdm(range(0, len(train), step), desc="wordproto fit", disable=not show_bars(progress)):
             stop = min(start + step, len(train))
             images = train.mean_features(start, stop)  # (n, 2048)
             total += images.sum(0)

@@ -17,7 +17,6 @@ This module is what the registered MLflow model (ranker_model.py) runs.
 from __future__ import annotations
 
 import csv
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +24,10 @@ import pandas as pd
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import ColSpec, Schema
 
-from ..config import PrepareParams, SmoothParams
-from ..data.ingest import ingest_tsv
+from ..config import SmoothParams
+from ..data.ingest import in_memory_store
 from ..data.store import FeatureStore
-from ..data.tsv import COLUMNS, HEADER
+from ..data.tsv import COLUMNS, parse_chunk
 from ..errors import MissingInputError, UserError
 from . import members as members_mod
 from . import reranker
@@ -64,8 +63,8 @@ def _text(value) -> str:
     return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
 
 
-def candidate_store(table: pd.DataFrame, folder: Path, box_cap: int = 30) -> FeatureStore:
-    """Decode and validate a candidate table into a feature store under `folder` (in table order)."""
+def candidate_store(table: pd.DataFrame, box_cap: int = 30) -> FeatureStore:
+    """Decode and validate a candidate table into an in-memory feature store (in table order)."""
     if not isinstance(table, pd.DataFrame):
         raise CandidateTableError(f"expected a pandas DataFrame with columns {list(COLUMNS)}, got {type(table).__name__}")
     missing = [c for c in COLUMNS if c not in table.columns]
@@ -78,24 +77,16 @@ def candidate_store(table: pd.DataFrame, folder: Path, box_cap: int = 30) -> Fea
         for i, v in enumerate(values):
             if "\t" in v or "\n" in v or "\r" in v:
                 raise CandidateTableError(f"candidate table row {i}, column {c!r}: contains a tab or line break")
-    folder.mkdir(parents=True, exist_ok=True)
-    tsv = folder / "candidates.tsv"
-    with open(tsv, "w") as f:
-        f.write(HEADER + "\n")
-        for i in range(len(table)):
-            f.write("\t".join(cols[c][i] for c in COLUMNS) + "\n")
-    ingest_tsv(tsv, folder / "store", PrepareParams(box_cap=box_cap, workers=1), progress=False)
-    rejects = pd.read_csv(folder / "store" / "rejects.tsv", sep="\t", keep_default_na=False)
-    if len(rejects):
-        line, reason, detail = rejects.iloc[0][["line", "reason", "detail"]]
-        row = int(line) - 2  # line 1 is the header
+    lines = ("\t".join(cols[c][i] for c in COLUMNS) for i in range(len(table)))
+    chunk = parse_chunk(("\n".join(lines) + "\n").encode(), first_line=0, box_cap=box_cap)  # line = row index
+    if chunk.rejects:
+        row, reason, detail = chunk.rejects[0]
         ids = f"product_id={cols['product_id'][row]!r}, query_id={cols['query_id'][row]!r}"
         raise CandidateTableError(
             f"candidate table row {row} ({ids}): {reason}" + (f" ({detail})" if detail else "")
-            + (f"; {len(rejects) - 1} more bad row(s)" if len(rejects) > 1 else "")
+            + (f"; {len(chunk.rejects) - 1} more bad row(s)" if len(chunk.rejects) > 1 else "")
         )
-    tsv.unlink()
-    return FeatureStore.open(folder / "store")
+    return in_memory_store(chunk)
 
 
 class Ranker:
@@ -115,18 +106,17 @@ class Ranker:
 
     def score(self, table: pd.DataFrame, kind: str = "rerank") -> np.ndarray:
         """One score per row: the re-ranker's mean fold prediction (kind='ensemble': the members' ensemble)."""
-        with tempfile.TemporaryDirectory(prefix="mmrecall-candidates-") as tmp:
-            store = candidate_store(table, Path(tmp), int(self.spec.get("box_cap", 30)))
-            if self.spec["smoothing"]:
-                s = self.spec["smooth"]
-                store = smoothed_store(store, SmoothParams(k=s["k"], weights=s["weights"]))
-            outputs = {}
-            for name, member in self.members.items():
-                scores, fused = members_mod.score(member, store)
-                outputs[name] = (scores.score.to_numpy(), fused)
-            in_table = store.rows.product_id.value_counts()
-            counts = pd.concat([self.counts.reindex(in_table.index).fillna(0), in_table], axis=1).max(axis=1)
-            X, ensemble = build_features(store, outputs, self.feature_spec, self.pca, counts)
+        store = candidate_store(table, int(self.spec.get("box_cap", 30)))
+        if self.spec["smoothing"]:
+            s = self.spec["smooth"]
+            store = smoothed_store(store, SmoothParams(k=s["k"], weights=s["weights"]))
+        outputs = {}
+        for name, member in self.members.items():
+            scores, fused = members_mod.score(member, store)
+            outputs[name] = (scores.score.to_numpy(), fused)
+        in_table = store.rows.product_id.value_counts()
+        counts = pd.concat([self.counts.reindex(in_table.index).fillna(0), in_table], axis=1).max(axis=1)
+        X, ensemble = build_features(store, outputs, self.feature_spec, self.pca, counts)
         if kind == "ensemble":
             return ensemble
         return np.mean([b.predict(X) for b in self.boosters], axis=0)

@@ -79,5 +79,6 @@ def smoothed_store(store: FeatureStore, params: SmoothParams) -> FeatureStore:
         store.features, rows.offset.to_numpy(), rows.n_kept.to_numpy(), rows.query_id.to_numpy(), params.k, params.weights
     )
     out = FeatureStore(store.root)
+    out.__dict__.update(store.__dict__)  # what the source holds already (all of it for an in-memory store)
     out.__dict__.update(rows=rows, features=feats)  # cached_property values: read as usual, never re-mapped
     return out

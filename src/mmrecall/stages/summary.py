@@ -140,6 +140,7 @@ def run(params: Params) -> dict:
     REPORT.write_text("# Ranker: members, ensemble, re-ranker, smoothing, post-processing\n\n"
                       "NDCG@5; valid of the re-ranker rows is out-of-fold (honest); testA answers are synthetic.\n\n"
                       + markdown(summary, params))
+    log.info("%d rows -> %s, %s; plots in %s/", len(summary), REPORT, Path(params.data.metrics) / "stage2.json", PLOTS)
     return summary
 
 

@@ -42,6 +42,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from .. import tracking
 from ..config import Params, TrainParams, flatten, member_name, to_dict
+from ..console import show_bars
 from ..data.batching import EvalBatches, TrainData
 from ..data.store import FeatureStore
 from ..errors import MissingInputError
@@ -154,7 +155,7 @@ def build_trainer(setup: TrainSetup, ckpt_dir: Path, progress: bool = True, call
         num_sanity_val_steps=0,
         logger=False,
         callbacks=callbacks,
-        enable_progress_bar=progress,
+        enable_progress_bar=show_bars(progress),
         enable_model_summary=False,
         deterministic=True,
         default_root_dir=str(ckpt_dir),

@@ -1,0 +1,132 @@
+"""Benchmark serving: `mlflow models serve` of the registered champion, one 30-candidate query per request.
+
+    .venv/bin/python bench/bench_serve.py                 # after `make repro` (the store and champion it made)
+    .venv/bin/python bench/bench_serve.py --requests 200 --model-uri models:/mmrecall-ranker@champion
+
+Starts the server on 127.0.0.1 (a free port; stopped at the end), waits until it answers, sends a few warm-up
+requests, then `--requests` requests one after the other, each one whole testA query (its ~30 candidate rows
+in the official columns, as `dataframe_split` JSON), cycling over the queries. Reports p50 / p90 / p99 latency
+(client side: request sent to answer read) and queries/s, and checks that a request with a malformed row gets
+HTTP 400 naming the row. Results: a markdown line on stdout and bench/results/serve.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(port: int, body: bytes, timeout: float = 60) -> tuple[int, bytes]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def query_bodies(tsv: Path) -> list[bytes]:
+    """One request body per query of the candidate file (its rows in file order)."""
+    from mmrecall.ranking.ranker import read_candidates
+
+    table = read_candidates(tsv)
+    return [json.dumps({"dataframe_split": json.loads(group.to_json(orient="split", index=False))}).encode()
+            for _, group in table.groupby("query_id", sort=False)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-uri", default="models:/mmrecall-ranker@champion")
+    parser.add_argument("--candidates", type=Path, default=ROOT / "data" / "testA" / "testA.tsv")
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    args = parser.parse_args(argv)
+
+    from mmrecall import tracking
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    bodies = query_bodies(args.candidates)
+    port = free_port()
+    server = subprocess.Popen(["mlflow", "models", "serve", "-m", args.model_uri, "-p", str(port), "-h", "127.0.0.1",
+                               "--env-manager", "local"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 180
+        while True:  # the server loads the model before it answers
+            try:
+                status, _ = post(port, bodies[0])
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError(f"the server did not answer: {server.stderr.read().decode()[-2000:]}")
+                time.sleep(1)
+        assert status == 200, status
+        for i in range(args.warmup):
+            post(port, bodies[i % len(bodies)])
+        latencies = []
+        started = time.perf_counter()
+        for i in range(args.requests):
+            t0 = time.perf_counter()
+            status, out = post(port, bodies[i % len(bodies)])
+            latencies.append(time.perf_counter() - t0)
+            assert status == 200, (status, out[:500])
+        wall = time.perf_counter() - started
+
+        bad = json.loads(bodies[0])  # row 2's features cut short: HTTP 400 naming the row
+        features = bad["dataframe_split"]["columns"].index("features")
+        bad["dataframe_split"]["data"][2][features] = bad["dataframe_split"]["data"][2][features][:-8] + "!!!!!!!!"
+        bad_status, bad_out = post(port, json.dumps(bad).encode())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    ms = np.array(latencies) * 1000
+    result = {
+        "model_uri": args.model_uri,
+        "requests": args.requests,
+        "candidates_per_request": round(float(np.mean([len(json.loads(b)["dataframe_split"]["data"]) for b in bodies])), 1),
+        "p50_ms": round(float(np.percentile(ms, 50)), 1),
+        "p90_ms": round(float(np.percentile(ms, 90)), 1),
+        "p99_ms": round(float(np.percentile(ms, 99)), 1),
+        "queries_per_s": round(args.requests / wall, 1),
+        "bad_row_status": bad_status,
+        "bad_row_message": bad_out.decode()[:300],
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+    }
+    Path(args.results).mkdir(parents=True, exist_ok=True)
+    (Path(args.results) / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
+    print("| requests | candidates/request | p50 ms | p90 ms | p99 ms | queries/s | bad row |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {result['requests']} | {result['candidates_per_request']} | {result['p50_ms']} | {result['p90_ms']} | "
+          f"{result['p99_ms']} | {result['queries_per_s']} | HTTP {bad_status} |")
+    if bad_status != 400 or "row 2" not in result["bad_row_message"]:
+        print(f"bad row: expected HTTP 400 naming row 2, got {bad_status}: {result['bad_row_message']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
