@@ -12,6 +12,8 @@ import argparse
 import logging
 import os
 import shutil
+import sys
+from pathlib import Path
 
 from .. import tracking
 from ..config import load_params, user_path
@@ -40,9 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     print(url, flush=True)
     if args.print_url or base == uri.rstrip("/"):
         return 0
-    mlflow = shutil.which("mlflow")
+    beside = Path(sys.executable).parent / "mlflow"  # the environment mmrecall runs in (.venv/bin), activated or not
+    mlflow = str(beside) if beside.exists() else shutil.which("mlflow")
     if mlflow is None:
-        raise UserError("the `mlflow` command is not on PATH (activate .venv: `source .venv/bin/activate`)")
+        raise UserError("the `mlflow` command is not installed here (make install, then .venv/bin/mmrecall ui)")
     log.info("open %s (Ctrl-C stops the server)", url)
     os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "-h", args.host, "-p", str(args.port)])
     return 0  # not reached: the process is now `mlflow ui`
