@@ -67,3 +67,20 @@ def test_queries_look_like_the_real_ones(micro_data):
     assert train.groupby("query_id").size().mean() > 1.5  # several products per train query
     nb = train.num_boxes
     assert nb.min() >= 1 and 2.8 < nb.mean() < 5.0
+
+
+def test_worlds_change_what_they_name(tmp_path):
+    """near-miss adds negatives of the query's category; every world keeps the official layout."""
+    import dataclasses
+
+    from mmrecall.data.synth import WORLDS
+
+    small = SynthParams(train_queries=30, valid_queries=6, test_queries=6)
+    hard = dataclasses.replace(small, **{**WORLDS["hard"], "train_queries": 30})
+    assert hard.near_miss_rate > 0 and hard.attribute_groups > small.attribute_groups
+    counts = generate(tmp_path / "hard", hard, progress=False)
+    assert counts["train_queries"] == 30 and counts["valid_rows"] == 6 * small.candidates
+    for split in ("train", "valid", "testA"):
+        assert (tmp_path / "hard" / split / f"{split}.tsv").stat().st_size > 0
+    assert set(WORLDS) >= {"default", "near-miss", "looks", "noise", "small", "hard"}
+    assert all(hasattr(small, key) for overrides in WORLDS.values() for key in overrides)

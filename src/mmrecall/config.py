@@ -52,7 +52,10 @@ class SynthParams:
     fresh_negative_rate: float = 0.37  # mean share of negatives made for one query only (occur once)
     latent_dim: int = 48
     feature_noise: float = 0.35
-    attribute_groups: int = 6  # categories sharing how an attribute looks
+    attribute_groups: int = 6  # categories sharing how an attribute looks (44 = every category its own look)
+    near_miss_rate: float = 0.0  # extra share of each eval query's negatives: same category, one named value wrong
+    main_first_rate: float = 0.6  # images whose product box comes first in the detector's list
+    clutter_correlation: float = 0.0  # how much clutter boxes resemble the product (0 = independent)
 
 
 @dataclass

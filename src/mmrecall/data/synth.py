@@ -62,6 +62,20 @@ LABEL_NAMES = [
 ]
 
 
+# Named variations of the default world (`mmrecall synth --world NAME`, bench/bench_quality.py): each is
+# a set of SynthParams overrides, harder than the default in one known way; "hard" combines them.
+WORLDS: dict[str, dict] = {
+    "default": {},
+    "near-miss": {"near_miss_rate": 0.5},  # half of each query's negatives: one named value wrong
+    "looks": {"attribute_groups": 44},  # how an attribute looks depends on the exact category
+    "noise": {"feature_noise": 0.7},  # twice the feature noise
+    "small": {"train_queries": 1500},  # half the train queries
+    "clutter": {"main_first_rate": 0.3, "clutter_correlation": 0.5},  # product box rarely first, look-alike clutter
+    "hard": {"near_miss_rate": 0.5, "attribute_groups": 44, "feature_noise": 0.7, "train_queries": 1500,
+             "rows_per_train_query": 3.5, "main_first_rate": 0.4, "clutter_correlation": 0.3},
+}
+
+
 @dataclass(frozen=True)
 class Product:
     """A product: its category and one value per facet (index into FACETS[f])."""
@@ -116,6 +130,15 @@ class World:
             values[f] = v
         return Product(q.category, tuple(values))
 
+    def near_miss(self, q: Query) -> Product:
+        """A product of q's category with all but one named value right: the hardest negative."""
+        p = self.product_for(q)
+        f, v = q.named[int(self.rng.integers(len(q.named)))]
+        n = len(FACETS[FACET_ORDER[f]])
+        values = list(p.values)
+        values[f] = (v + 1 + int(self.rng.integers(n - 1))) % n
+        return Product(p.category, tuple(values))
+
     def text(self, q: Query, junk: bool = False) -> str:
         named = dict(q.named)
         words = [FACETS[FACET_ORDER[f]][named[f]] for f in range(len(FACET_ORDER)) if f in named]
@@ -159,12 +182,15 @@ class World:
                 latents.append(self._latent(other) + prm.feature_noise * rng.normal(size=z_main.shape))
                 labels.append(CATEGORIES[other.category][1])
             else:
-                latents.append(self.clutter_code[int(rng.integers(8))] + 0.6 * rng.normal(size=z_main.shape))
+                z = self.clutter_code[int(rng.integers(8))] + 0.6 * rng.normal(size=z_main.shape)
+                if prm.clutter_correlation:  # a shelf of similar things, a model wearing it ...
+                    z = z + prm.clutter_correlation * z_main
+                latents.append(z)
                 labels.append(OTHERS if r < 0.75 else int(rng.choice(BODY_PARTS)))
             t, l = rng.uniform(0, 0.8) * h, rng.uniform(0, 0.8) * w
             boxes.append((t, l, min(h, t + rng.uniform(0.05, 0.4) * h), min(w, l + rng.uniform(0.05, 0.4) * w)))
         order = np.arange(len(labels))
-        if rng.random() < 0.4:  # the detector does not always list the product first
+        if rng.random() < 1 - prm.main_first_rate:  # the detector does not always list the product first
             rng.shuffle(order)
         x = np.stack(latents)[order] @ self.projection  # (n, 2048), about N(0, 1)
         x += 0.3 * rng.normal(size=x.shape)
@@ -211,6 +237,8 @@ def _eval_split(world: World, n_queries: int, params: SynthParams, pool: list[tu
         fresh_rate = rng.beta(a, b)
         n_ans = params.answers if rng.random() < 0.97 else int(rng.integers(2, params.answers))
         cands = [(next_id(), world.product_for(q), True) for _ in range(n_ans)]
+        for _ in range(round(params.near_miss_rate * (params.candidates - n_ans))):
+            cands.append((next_id(), world.near_miss(q), False))
         seen = set()
         tries = 0
         while len(cands) < params.candidates and tries < 1000:
@@ -218,11 +246,7 @@ def _eval_split(world: World, n_queries: int, params: SynthParams, pool: list[tu
             r = rng.random()
             if r < fresh_rate:  # a negative made for this query only
                 if rng.random() < 0.6:  # same category, one named value changed
-                    p = world.product_for(q)
-                    f, v = q.named[int(rng.integers(len(q.named)))]
-                    values = list(p.values)
-                    values[f] = (v + 1 + int(rng.integers(len(FACETS[FACET_ORDER[f]]) - 1))) % len(FACETS[FACET_ORDER[f]])
-                    p = Product(p.category, tuple(values))
+                    p = world.near_miss(q)
                 else:  # the named values on another category
                     p = world.product_for(Query(int(rng.integers(len(CATEGORIES))), q.named))
                 pid = next_id()

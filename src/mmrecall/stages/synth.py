@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
 
 from ..config import load_params, user_path
-from ..data.synth import generate
+from ..data.synth import WORLDS, generate
 
 log = logging.getLogger(__name__)
 
@@ -24,16 +25,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=user_path, help="output folder (default: data.root from params)")
     parser.add_argument("--seed", type=int, help="override synth.seed")
     parser.add_argument("--train-queries", type=int, help="override synth.train_queries")
+    parser.add_argument("--world", choices=sorted(WORLDS), default="default",
+                        help="a named variation of the params' world, harder in one known way (near-miss: half "
+                        "the negatives one attribute off; looks: per-category attribute looks; noise: 2x feature "
+                        "noise; small: half the train queries; clutter: product box rarely first, look-alike "
+                        "clutter; hard: all of them, 1,500 train queries)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    synth = params.synth
+    synth = dataclasses.replace(params.synth, **WORLDS[args.world])
     if args.seed is not None:
         synth.seed = args.seed
     if args.train_queries is not None:
         synth.train_queries = args.train_queries
     out = args.out or Path(params.data.root)
-    log.info("writing synthetic data (seed %d, %d train queries) to %s", synth.seed, synth.train_queries, out)
+    log.info("writing the %s synthetic world (seed %d, %d train queries) to %s", args.world, synth.seed,
+             synth.train_queries, out)
     counts = generate(out, synth, progress=not args.no_progress)
     log.info("done: %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
