@@ -12,7 +12,7 @@ export DO_NOT_TRACK := true
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro tune test test-fast bench clean-outputs
+.PHONY: install repro tune test test-fast bench bench-quality clean-outputs
 
 install: $(STAMP)
 
@@ -46,6 +46,10 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_prepare.py
 	$(BIN)/python bench/bench_train.py
+
+## make bench-quality: the default pipeline on a grid of synthetic worlds (~15 min each; BENCHMARKS.md).
+bench-quality: $(STAMP)
+	$(BIN)/python bench/bench_quality.py
 
 clean-outputs:
 	rm -rf features outputs metrics reports

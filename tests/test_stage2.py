@@ -23,6 +23,7 @@ from mmrecall.data.ingest import ingest_tsv
 from mmrecall.data.store import FeatureStore
 from mmrecall.models.mcan import MCAN, MCANConfig
 from mmrecall.ranking import members, reranker
+from mmrecall.ranking.ensemble import ensemble_scores, learn_weights, learn_weights_oof
 from mmrecall.ranking.ranker import CandidateTableError, Ranker, candidate_store, read_candidates
 from mmrecall.ranking.smoothing import smooth_features, smooth_pool, smoothed_store
 from mmrecall.stages import predict, prepare, register, rerank
@@ -92,6 +93,26 @@ def test_no_fold_ever_sees_its_own_queries():
     in_sample = np.mean([((b.predict(X) > 0.5) == y).mean() for b in result.boosters])
     out_of_fold = ((result.oof > 0.5) == y).mean()
     assert in_sample > 0.75 and out_of_fold < 0.7, (in_sample, out_of_fold)
+
+
+# --- learned ensemble weights ------------------------------------------------------------------------
+
+
+def test_learned_weights_favour_the_informative_member():
+    rng = np.random.default_rng(0)
+    y = (rng.random(3000) < 0.2).astype(np.float64)
+    scores = {"good": 3 * y + rng.normal(size=3000), "noise": rng.normal(size=3000),
+              "good-too": 2 * y + rng.normal(size=3000)}
+    w = learn_weights(scores, y)
+    assert sum(w.values()) == pytest.approx(3.0, abs=1e-3)
+    assert w["noise"] < 0.1 * min(w["good"], w["good-too"]) and w["good"] > w["good-too"]
+    assert learn_weights({"only": scores["good"]}, y) == {"only": 1.0}  # one member: the plain probability
+
+    fold = reranker.query_folds(np.arange(3000) // 30, 5, 0)
+    oof = learn_weights_oof(scores, y, fold)
+    held = fold == 0  # fold 0's rows are scored with weights fitted without them
+    other = learn_weights({m: s[~held] for m, s in scores.items()}, y[~held])
+    np.testing.assert_allclose(oof[held], ensemble_scores({m: s[held] for m, s in scores.items()}, other))
 
 
 # --- champion alias ----------------------------------------------------------------------------------

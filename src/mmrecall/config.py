@@ -223,14 +223,15 @@ class LGBMParams:
 class RerankParams:
     """LightGBM re-ranker on valid, query-grouped K-fold, and the ensemble of members (the 1st place's stage 2)."""
 
-    members: list[str] | None = field(default_factory=lambda: ["mcan"])  # feature members, same form; None = all
+    members: list[str] | None = None  # feature members: <model> (x train.seeds) or <model>-seed<k>; None = all
     smoothing: bool = False  # feed the members smoothed boxes (outputs/smoothed/<member>, the smooth stage)
     objective: str = "binary"  # binary | lambdarank
     folds: int = 5  # query-grouped folds over valid
     seed: int = 0  # fold assignment and LightGBM seed
     early_stopping_share: float = 0.2  # share of each fold's training queries held out for early stopping
     pca_dims: int = 8  # components of each member's fused vector (0 = scores only)
-    ensemble_weights: dict = field(default_factory=dict)  # member -> weight of its probability (missing = 1)
+    learn_weights: bool = True  # ensemble weights fitted on valid (out-of-fold for valid's own rows)
+    ensemble_weights: dict = field(default_factory=dict)  # learn_weights false: member -> weight (missing = 1)
     lgbm: LGBMParams = field(default_factory=LGBMParams)
 
 

@@ -118,12 +118,17 @@ def build_features(
     spec: FeatureSpec,
     pca: dict[str, tuple[np.ndarray, np.ndarray]],
     counts: pd.Series,
+    ensemble: np.ndarray | None = None,
 ) -> tuple[pd.DataFrame, np.ndarray]:
-    """(feature matrix, ensemble probability) of every store row; `outputs`: member -> (logits, fused)."""
+    """(feature matrix, ensemble probability) of every store row; `outputs`: member -> (logits, fused).
+
+    `ensemble`: the rows' ensemble probability when the caller has it (valid's out-of-fold one);
+    otherwise the weighted sum with `spec.ensemble_weights`.
+    """
     groups = store.rows.query_id.to_numpy()
     cols: dict[str, np.ndarray] = {}
     scores = {m: np.asarray(outputs[m][0], np.float64) for m in spec.members}
-    ens = ensemble_scores(scores, spec.ensemble_weights)
+    ens = ensemble_scores(scores, spec.ensemble_weights) if ensemble is None else ensemble
     for m in spec.members:
         cols[f"{m}.score"] = scores[m]
         for key, value in per_query(scores[m], groups).items():

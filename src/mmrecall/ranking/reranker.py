@@ -28,6 +28,7 @@ from ..config import Params, ParamsError, RerankParams, member_names, to_dict
 from ..data.store import FeatureStore
 from ..errors import MissingInputError, UserError
 from . import outputs
+from .ensemble import learn_weights, learn_weights_oof
 from .features import FeatureSpec, build_features, fit_pca
 
 MODEL_DIR = Path("models") / "rerank"
@@ -129,12 +130,19 @@ def fit_variant(params: Params, stores: dict[str, FeatureStore], counts: pd.Seri
     folder = outputs.smoothed if smoothing else str
     outs = {s: {m: outputs.read_member(outputs_dir, folder(m), s, st) for m in names} for s, st in stores.items()}
     spec = FeatureSpec(names, rp.pca_dims, dict(rp.ensemble_weights))
-    pca = {m: fit_pca([outs[s][m][1] for s in stores], rp.pca_dims) for m in names} if rp.pca_dims else {}
-    mats = {s: build_features(st, outs[s], spec, pca, counts) for s, st in stores.items()}
-    spec.names = list(mats["valid"][0].columns)
     valid = stores["valid"]
+    labels, query_ids = labels_of(valid), valid.rows.query_id.to_numpy()
+    valid_ensemble = None  # with learned weights: each valid row's from weights fitted on the other folds
+    if rp.learn_weights:
+        valid_scores = {m: np.asarray(outs["valid"][m][0], np.float64) for m in names}
+        spec.ensemble_weights = learn_weights(valid_scores, labels)
+        valid_ensemble = learn_weights_oof(valid_scores, labels, query_folds(query_ids, rp.folds, rp.seed))
+    pca = {m: fit_pca([outs[s][m][1] for s in stores], rp.pca_dims) for m in names} if rp.pca_dims else {}
+    mats = {s: build_features(st, outs[s], spec, pca, counts, valid_ensemble if s == "valid" else None)
+            for s, st in stores.items()}
+    spec.names = list(mats["valid"][0].columns)
     tests = {s: m[0] for s, m in mats.items() if s != "valid"}
-    result = fit_oof(mats["valid"][0], labels_of(valid), valid.rows.query_id.to_numpy(), tests, rp)
+    result = fit_oof(mats["valid"][0], labels, query_ids, tests, rp)
     preds = {"valid": result.oof, **result.tests}
     gain = sum(b.feature_importance("gain") for b in result.boosters)
     importance = dict(sorted(zip(spec.names, (gain / gain.sum()).round(4).tolist()), key=lambda kv: -kv[1])[:15])

@@ -51,11 +51,14 @@ def run(params: Params) -> dict:
             report[outputs.knn(kind, smoothing)] = model_report(tables, params, stores)
         key = outputs.knn("rerank", smoothing)
         report[key].update(best_iterations=[f["best_iteration"] for f in variant.result.folds],
-                           seconds=round(time.perf_counter() - t0, 1), top_features=variant.importance)
+                           seconds=round(time.perf_counter() - t0, 1), top_features=variant.importance,
+                           ensemble_weights=variant.spec.ensemble_weights)
         if smoothing == params.rerank.smoothing:
             chosen = variant, smoothing
         log.info("%s (members %s): %s", key, ", ".join(names),
                  {k: v for k, v in report[key].items() if k not in ("top_features", "best_iterations")})
+        log.info("ensemble weights (learned on valid: %s): %s", params.rerank.learn_weights,
+                 variant.spec.ensemble_weights or "all 1")
     variant, smoothing = chosen
     key = outputs.knn("rerank", smoothing)
     honest = {"valid_oof": report[key]["valid"], **{s: v for s, v in report[key].items() if s in stores and s != "valid"}}
