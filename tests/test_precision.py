@@ -1,20 +1,26 @@
-"""Mixed precision: masking that fits every float dtype, and each model through the real Lightning Trainer
-with bf16-mixed on CPU (16-mixed, the faithful setting, needs a GPU: bench/bench_gpu.py runs it there)."""
+"""Mixed precision and devices: masking that fits every float dtype, each model through the real Lightning
+Trainer with bf16-mixed on CPU (16-mixed, the faithful setting, needs a GPU: bench/bench_gpu.py runs it
+there), and where trained members score (ranking/members.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from mmrecall.config import load_params
+from mmrecall.data.batching import EvalBatches
+from mmrecall.data.store import FeatureStore
 from mmrecall.models.backbone import backbone_path, tiny_config
 from mmrecall.models.image_input import NEG_INF, mask_value, masked_softmax
-from mmrecall.models.mcan import AttFlat, MCANConfig, MultiHeadAttention
+from mmrecall.models.mcan import MCAN, AttFlat, MCANConfig, MultiHeadAttention
+from mmrecall.ranking import members
 from mmrecall.ranking.members import copy_tokenizer_files
 from mmrecall.stages import prepare
 from mmrecall.training import fit
@@ -107,3 +113,35 @@ def test_bf16_mixed_training_through_the_trainer(name, prepared, monkeypatch):
     after = [p for p in setup.model.parameters() if p.requires_grad]
     assert all(torch.isfinite(p).all() for p in after)
     assert sum(not torch.equal(a, b) for a, b in zip(before, after)) > len(after) // 2  # most weights moved
+
+
+# -- where members score ------------------------------------------------------------------------------------
+
+
+def test_scoring_device_follows_the_accelerator():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert [members.scoring_device(a, cuda_available=True) for a in ("gpu", "auto", "cuda", "cpu")] == [cuda, cuda, cuda, cpu]
+    assert [members.scoring_device(a, cuda_available=False) for a in ("gpu", "auto", "cpu")] == [cpu, cpu, cpu]
+    assert members.scoring_device("gpu") == (cuda if torch.cuda.is_available() else cpu)
+    assert (members.eval_batch_size(256, cpu), members.eval_batch_size(256, cuda)) == (256, 256 * members.GPU_EVAL_BATCH_FACTOR)
+    assert isinstance(members.autocast(cpu, "16-mixed"), contextlib.nullcontext)  # the CPU scores in float32
+    assert isinstance(members.autocast(cuda, "32-true"), contextlib.nullcontext)
+
+
+def test_cpu_scoring_is_a_plain_float32_forward(prepared, tmp_path):
+    """A member trained for a GPU, loaded on a machine without one, scores on the CPU exactly as a plain forward."""
+    cfg = MCANConfig(**TINY["mcan"], pretrained=False)
+    torch.manual_seed(0)
+    model = MCAN.from_config(cfg).eval()
+    path = tmp_path / "model.pt"
+    members.save(path, "mcan", cfg, model, {"train": {"accelerator": "gpu", "precision": "16-mixed", "eval_batch_size": 64,
+                                                       "max_query_len": 16, "max_boxes": 5}})
+    member = members.load(path, accelerator="cpu" if torch.cuda.is_available() else None)
+    assert (member.device, member.batch_size, member.precision) == (torch.device("cpu"), 64, "16-mixed")
+    store = FeatureStore.open(prepared / "features" / "valid")
+    table, fused = members.score(member, store)
+    batches = EvalBatches(store, member.tokenizer, 16, 64, 5)
+    with torch.no_grad():
+        plain = torch.cat([model(batch).logits for batch in batches]).numpy()
+    np.testing.assert_array_equal(table.score.to_numpy(), plain)
+    assert fused.dtype == np.float16 and len(fused) == len(store)
