@@ -35,6 +35,7 @@ COMMANDS = {
     "summary": "metrics JSON + markdown table of members, ensemble, re-ranker, smoothing, post-proc",
     "report": "print the metrics tables of the last `dvc repro`",
     "apply-config": "merge a configuration overlay such as configs/faithful.yaml into params.yaml",
+    "params": "`params show [--model M]`: the loaded params, or a model's effective train settings (YAML)",
     "inputs": "make what a command reads through DVC (synthetic data, dvc repro of its upstream stages)",
     "ui": "mlflow ui on the project's store, with the link that opens the experiment on its training runs",
 }
@@ -84,7 +85,7 @@ def enter_repo_root() -> None:
 
 def is_pipeline_step(command: str, rest: list[str]) -> bool:
     """A stage of the pipeline (its start and end are logged), not a one-off lookup such as scoring one file."""
-    return command not in ("report", "apply-config", "ui") and "--submission" not in rest and not {"-h", "--help"} & set(rest)
+    return command not in ("report", "apply-config", "params", "ui") and "--submission" not in rest and not {"-h", "--help"} & set(rest)
 
 
 def main(argv: list[str] | None = None) -> int:

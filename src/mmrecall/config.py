@@ -21,6 +21,7 @@ import yaml
 from .errors import UserError
 
 PARAMS_FILE = "params.yaml"
+MODEL_SECTIONS = ("mcan", "visualbert", "two_tower")  # train.<model>: each model's architecture
 
 
 @dataclass
@@ -119,11 +120,15 @@ class TrainParams:
     })
     best_params: bool = False  # apply the tuned values (tune.output, written by `mmrecall tune`) to overrides.<tune model>
 
+    @property
+    def effective_backbone_lr(self) -> float:
+        """The lr of the pretrained backbone weights: backbone_lr, or lr when it is null."""
+        return self.backbone_lr or self.lr
+
     def for_model(self, name: str) -> "TrainParams":
         """These params with `overrides[name]` applied (e.g. a lower lr for a pretrained encoder)."""
         extra = dict(self.overrides.get(name) or {})
-        allowed = {f.name for f in fields(self)} - {"models", "seeds", "overrides", "best_params", "mcan", "visualbert",
-                                                     "two_tower"}
+        allowed = {f.name for f in fields(self)} - {"models", "seeds", "overrides", "best_params", *MODEL_SECTIONS}
         if unknown := sorted(set(extra) - allowed):
             raise ParamsError(f"params.yaml train.overrides.{name}: unknown key(s) {unknown}")
         if "schedule" in extra:
@@ -416,35 +421,55 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # --- overlays (configs/*.yaml) ------------------------------------------------------------------
 
 
-def _merge(base, overlay) -> None:
+# Overlay keys whose mapping replaces the one in params.yaml instead of being merged into it: a model's
+# architecture and its overrides are read as a whole, so no CPU value may survive under a faithful one.
+REPLACED_BY_OVERLAY = (*(("train", m) for m in MODEL_SECTIONS), ("train", "overrides", "*"))
+
+
+def _replaced(path: tuple[str, ...]) -> bool:
+    return any(len(path) == len(p) and all(a == b or b == "*" for a, b in zip(path, p)) for p in REPLACED_BY_OVERLAY)
+
+
+def _merge(base, overlay, path: tuple[str, ...] = ()) -> None:
+    """Deep-merge `overlay` into `base`, except that the mappings at REPLACED_BY_OVERLAY paths are replaced."""
     for key, value in overlay.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
+        where = (*path, str(key))
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and not _replaced(where):
+            _merge(base[key], value, where)
         else:
             base[key] = value
 
 
 def apply_overlay(overlay: str | os.PathLike, params: str | os.PathLike = PARAMS_FILE) -> Params:
-    """Deep-merge the YAML file `overlay` into `params` (keeping its comments); returns the result.
+    """Merge the YAML file `overlay` into `params` (keeping both files' comments); returns the result.
 
-    The merged file is validated before it is written, so a bad overlay leaves params.yaml as it was.
+    Sections merge key by key, except the model sections (train.mcan / visualbert / two_tower) and each
+    train.overrides.<model>: the overlay's mapping replaces the one in params.yaml whole. The merged
+    file is validated before it is written, so a bad overlay leaves params.yaml as it was.
     """
-    from ruamel.yaml import YAML  # round-trip YAML (a DVC dependency): comments and order survive
+    from ruamel.yaml import YAML  # round-trip YAML (a DVC dependency): comments, order and flow style survive
 
     rt = YAML()
+    rt.width = 4096  # keep each line as written (no re-wrapping of long flow mappings)
     with open(params) as f:
         base = rt.load(f) or {}
     with open(overlay) as f:
-        extra = yaml.safe_load(f) or {}
+        extra = rt.load(f) or {}
     if not isinstance(extra, dict):
         raise ParamsError(f"{overlay}: expected a mapping of params.yaml sections")
     _merge(base, extra)
     rt.representer.add_representer(float, _represent_float)
+    rt.representer.add_representer(type(None), _represent_null)
     out = io.StringIO()
     rt.dump(base, out)
     checked = _build(Params, yaml.safe_load(out.getvalue()), str(overlay))  # as PyYAML and DVC will read it
     Path(params).write_text(out.getvalue())
     return checked
+
+
+def _represent_null(representer, value: None):
+    """`null` as written in params.yaml (ruamel's default writes nothing after the colon)."""
+    return representer.represent_scalar("tag:yaml.org,2002:null", "null")
 
 
 def _represent_float(representer, value: float):

@@ -12,6 +12,7 @@ epoch's batches hold depends only on (seed, epoch, rank).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,6 +77,14 @@ class EvalBatches:
 
     def __len__(self) -> int:
         return (len(self.store) + self.batch_size - 1) // self.batch_size
+
+    def with_batch_size(self, batch_size: int) -> EvalBatches:
+        """The same rows in batches of `batch_size` (sharing the tokenised queries); self if it is the same."""
+        if batch_size == self.batch_size:
+            return self
+        out = copy.copy(self)
+        out.batch_size = batch_size
+        return out
 
     def __iter__(self):
         for start in range(0, len(self.store), self.batch_size):

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 FEAT_DIM = 2048  # detector ROI feature
 BOX_DIM = 6  # normalised top, left, bottom, right, area, aspect
 NUM_LABELS = 33  # detector classes (multimodal_labels.txt)
-NEG_INF = -1e9  # logit given to masked positions, as in MCAN / openvqa
+NEG_INF = -1e9  # logit given to masked positions, as in MCAN / openvqa (float16 holds at most -65504: see mask_value)
 
 
 @dataclass
@@ -24,9 +24,18 @@ class RankerOutput:
     fused: Tensor  # (B, D), the features handed to the LightGBM re-ranker
 
 
-def masked_fill(logits: Tensor, mask: Tensor, value: float = NEG_INF) -> Tensor:
-    """Set `logits` to `value` where `mask` is False; `mask` broadcasts against `logits`."""
-    return logits.masked_fill(~mask.bool(), value)
+def mask_value(dtype: torch.dtype) -> float:
+    """NEG_INF, or the most negative finite value of `dtype` when NEG_INF does not fit (float16: -65504).
+
+    float32 and bfloat16 keep -1e9 (the original's value, so their numbers do not change); float16, the
+    dtype of attention scores under 16-mixed autocast, would raise "cannot be converted without overflow".
+    """
+    return max(NEG_INF, torch.finfo(dtype).min)
+
+
+def masked_fill(logits: Tensor, mask: Tensor, value: float | None = None) -> Tensor:
+    """Set `logits` to `value` (default: mask_value of their dtype) where `mask` is False; `mask` broadcasts."""
+    return logits.masked_fill(~mask.bool(), mask_value(logits.dtype) if value is None else value)
 
 
 def masked_softmax(logits: Tensor, mask: Tensor, dim: int = -1) -> Tensor:

@@ -5,10 +5,16 @@ A member is one trained (model, seed): name `<model>-seed<k>`, checkpoint models
 (ranking/outputs.py). `load` rebuilds the architecture with no pretrained weights read (the checkpoint
 holds them all), so it only needs the backbone's config and tokenizer files: the shipped MiniLM folder
 by default, or the copy inside the registered model.
+
+Scoring runs where train.accelerator asks (`scoring_device`): on a CUDA device when it is gpu / auto and
+one is present, with autocast per train.precision and GPU_EVAL_BATCH_FACTOR times larger batches;
+otherwise on the CPU in float32, exactly as before. Fitting, the smooth stage and the registered model
+(which reads the accelerator and precision a member was trained with from its checkpoint) all go through here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 from dataclasses import dataclass
@@ -26,6 +32,28 @@ from ..models.backbone import load_tokenizer
 from ..models.registry import MODELS
 
 TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+GPU_EVAL_BATCH_FACTOR = 4  # on a GPU, score 4 x train.eval_batch_size rows per batch (no activations are kept)
+AUTOCAST_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}  # train.precision -> autocast dtype
+CPU = torch.device("cpu")
+
+
+def scoring_device(accelerator: str, cuda_available: bool | None = None) -> torch.device:
+    """Where members score: CUDA for train.accelerator gpu / cuda / auto when a CUDA device is present, else the CPU."""
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    return torch.device("cuda") if accelerator in ("gpu", "cuda", "auto") and cuda_available else CPU
+
+
+def eval_batch_size(batch_size: int, device: torch.device) -> int:
+    """Rows per scoring batch on `device`: train.eval_batch_size on the CPU, GPU_EVAL_BATCH_FACTOR times it on a GPU."""
+    return batch_size * GPU_EVAL_BATCH_FACTOR if device.type == "cuda" else batch_size
+
+
+def autocast(device: torch.device, precision: str):
+    """torch.autocast for a mixed train.precision on a GPU; on the CPU nothing (float32, as trained there)."""
+    if device.type != "cuda" or precision not in AUTOCAST_DTYPES:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=AUTOCAST_DTYPES[precision])
 
 
 def checkpoint_path(member: str, models_dir: str | Path = "models") -> Path:
@@ -38,7 +66,8 @@ def checkpoint_path(member: str, models_dir: str | Path = "models") -> Path:
 def save(path: Path, name: str, cfg, model: nn.Module, extra: dict) -> None:
     """Write a member checkpoint: model name, config, weights and `extra` (seed, best_step, train settings)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": name, "config": dataclasses.asdict(cfg), "state_dict": model.state_dict(), **extra}, path)
+    weights = {k: v.cpu() for k, v in model.state_dict().items()}  # CPU tensors, wherever the model scored
+    torch.save({"model": name, "config": dataclasses.asdict(cfg), "state_dict": weights, **extra}, path)
 
 
 @dataclass
@@ -48,11 +77,14 @@ class Member:
     tokenizer: object
     max_query_len: int
     max_boxes: int
-    batch_size: int
+    batch_size: int  # rows per scoring batch (eval_batch_size on the device)
+    device: torch.device = CPU
+    precision: str = "32-true"  # train.precision: autocast on a GPU for the mixed ones
 
 
-def load(path: str | Path, backbone: str | None = None) -> Member:
-    """A member checkpoint in eval mode; `backbone`: a folder with config + tokenizer files (default: the saved one)."""
+def load(path: str | Path, backbone: str | None = None, accelerator: str | None = None) -> Member:
+    """A member checkpoint in eval mode on its scoring device; `backbone`: a folder with config + tokenizer files
+    (default: the saved one); `accelerator`: train.accelerator (default: the one the member was trained with)."""
     blob = torch.load(path, map_location="cpu", weights_only=False)
     name = blob["model"]
     model_cls, cfg_cls = MODELS[name]
@@ -65,19 +97,23 @@ def load(path: str | Path, backbone: str | None = None) -> Member:
     model = model_cls.from_config(cfg_cls(**config))
     model.load_state_dict(blob["state_dict"])
     train = blob.get("train", {})
-    return Member(name, model.eval(), load_tokenizer(config["backbone"]), int(train.get("max_query_len", 16)),
-                  int(train.get("max_boxes", 10)), int(train.get("eval_batch_size", 256)))
+    device = scoring_device(accelerator or train.get("accelerator", "cpu"))
+    return Member(name, model.eval().to(device), load_tokenizer(config["backbone"]), int(train.get("max_query_len", 16)),
+                  int(train.get("max_boxes", 10)), eval_batch_size(int(train.get("eval_batch_size", 256)), device),
+                  device, train.get("precision", "32-true"))
 
 
 @torch.no_grad()
-def score_batches(model: nn.Module, batches: EvalBatches) -> tuple[pd.DataFrame, np.ndarray]:
-    """Score table (query_id, product_id, score) and the fused vectors (float16) of every row."""
-    model.eval()
+def score_batches(model: nn.Module, batches: EvalBatches, device: torch.device = CPU,
+                  precision: str = "32-true") -> tuple[pd.DataFrame, np.ndarray]:
+    """Score table (query_id, product_id, score) and the fused vectors (float16) of every row, on `device`."""
+    model.eval().to(device)
     logits, fused = [], []
-    for batch in batches:
-        out = model(batch)
-        logits.append(out.logits.float().numpy())
-        fused.append(out.fused.float().numpy().astype(np.float16))
+    with autocast(device, precision):
+        for batch in batches:
+            out = model({key: value.to(device, non_blocking=True) for key, value in batch.items()})
+            logits.append(out.logits.float().cpu().numpy())
+            fused.append(out.fused.float().cpu().numpy().astype(np.float16))
     rows = batches.store.rows
     table = pd.DataFrame({"query_id": rows.query_id, "product_id": rows.product_id, "score": np.concatenate(logits)})
     return table, np.concatenate(fused)
@@ -85,8 +121,8 @@ def score_batches(model: nn.Module, batches: EvalBatches) -> tuple[pd.DataFrame,
 
 def score(member: Member, store: FeatureStore) -> tuple[pd.DataFrame, np.ndarray]:
     """Score table and float16 fused vectors of every store row."""
-    return score_batches(member.model, EvalBatches(store, member.tokenizer, member.max_query_len, member.batch_size,
-                                                   member.max_boxes))
+    batches = EvalBatches(store, member.tokenizer, member.max_query_len, member.batch_size, member.max_boxes)
+    return score_batches(member.model, batches, member.device, member.precision)
 
 
 def copy_tokenizer_files(backbone_dir: str | Path, dest: Path) -> Path:

@@ -11,6 +11,8 @@ candidates of the same query_id in the table (smoothing pools, per-query ranks),
 queries. A candidate's frequency feature is the larger of its count over the evaluation files seen
 at training time and its count in the table.
 
+Members score on a GPU when they were trained for one (train.accelerator gpu / auto in their checkpoint)
+and one is present, with their autocast and larger batches; else on the CPU (ranking/members.py).
 This module is what the registered MLflow model (ranker_model.py) runs.
 """
 

@@ -25,7 +25,7 @@ def run(params: Params) -> dict:
     (Path(params.data.outputs) / outputs.SMOOTHED).mkdir(parents=True, exist_ok=True)  # the stage's out
     for member in member_names(params, params.smooth.members):
         t0 = time.perf_counter()
-        loaded = members.load(members.checkpoint_path(member))
+        loaded = members.load(members.checkpoint_path(member), accelerator=params.train.accelerator)
         tables = {}
         for split, store in smoothed.items():
             tables[split], fused = members.score(loaded, store)

@@ -179,9 +179,11 @@ def load_best(setup: TrainSetup, best: ModelCheckpoint) -> int:
 
 def write_member_outputs(setup: TrainSetup, params: Params, best_step: int) -> dict:
     """Score every evaluation split (outputs/<member>/), save models/<model>/seed<k>/model.pt; returns the NDCG@5 report."""
-    tables = {}
+    tables, tp = {}, setup.train
+    device = members.scoring_device(tp.accelerator)  # Lightning hands the model back on the CPU after fit
     for split, batches in setup.eval_batches.items():
-        tables[split], fused = members.score_batches(setup.model, batches)
+        batches = batches.with_batch_size(members.eval_batch_size(batches.batch_size, device))
+        tables[split], fused = members.score_batches(setup.model, batches, device, tp.precision)
         outputs.write(params.data.outputs, setup.member, split, tables[split], fused)
     members.save(members.checkpoint_path(setup.member), setup.model_name, setup.config, setup.model,
                  {"seed": setup.seed, "best_step": best_step, "train": to_dict(setup.train)})

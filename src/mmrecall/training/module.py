@@ -105,7 +105,7 @@ class TrainingModule(L.LightningModule):
         trainable = [w for w in self.model.parameters() if w.requires_grad]
         groups = [
             {"params": [w for w in trainable if id(w) not in pretrained], "lr": p.lr},
-            {"params": [w for w in trainable if id(w) in pretrained], "lr": p.backbone_lr or p.lr},
+            {"params": [w for w in trainable if id(w) in pretrained], "lr": p.effective_backbone_lr},
         ]
         opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=p.weight_decay)
         s = p.schedule
