@@ -80,3 +80,11 @@ def test_resume_after_crash_gives_the_same_result(workdir):
     assert resumed["best_step"] == full["best_step"] and resumed["steps"] == full["steps"]
     np.testing.assert_allclose(scores_resumed, scores_full, rtol=1e-5, atol=1e-6)
     assert resumed["valid"] == full["valid"]
+
+
+def test_patience_stops_when_valid_stops_improving(workdir):
+    params = load_params()
+    params.train.steps, params.train.eval_every, params.train.patience = 40, 2, 1
+    params.train.lr = 0.0  # nothing changes: the first evaluation stays the best, the second ends the run
+    result = fit.fit_member("mcan", 3, params, progress=False)
+    assert result["best_step"] == 2 and result["steps_run"] == 4 and result["steps"] == 40

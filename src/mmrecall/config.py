@@ -91,6 +91,7 @@ class TrainParams:
     seeds: list[int] = field(default_factory=lambda: [1, 2])
     steps: int = 400  # optimizer steps per member (sized for the 15-minute make repro)
     eval_every: int = 100  # valid NDCG@5 (and a checkpoint) every N steps
+    patience: int = 0  # stop after this many evaluations without a better valid NDCG@5 (0 = run all steps)
     batch_size: int = 128  # triples (query, positive, negative); pairs for the two-tower
     negatives: int = 10  # hard negatives per positive in the TF-IDF pool sampler (1st place: 10)
     random_negatives: float = 0.5  # share of those negatives drawn from any other query (1st place: 0)

@@ -38,7 +38,7 @@ from pathlib import Path
 import lightning as L
 import mlflow
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
 from .. import tracking
 from ..config import Params, TrainParams, flatten, member_name, to_dict
@@ -142,6 +142,8 @@ def build_trainer(setup: TrainSetup, ckpt_dir: Path, progress: bool = True, call
     callbacks = [best, LogEvaluations(setup.member, tp.steps), *(callbacks or [])]
     if stop_after:
         callbacks.append(StopAfter(stop_after))
+    if tp.patience:  # checked after every evaluation; the best checkpoint is what the member keeps anyway
+        callbacks.append(EarlyStopping(monitor=METRIC, mode="max", patience=tp.patience, check_on_train_epoch_end=False))
     trainer = L.Trainer(
         accelerator=tp.accelerator,
         devices=tp.devices,
@@ -197,7 +199,8 @@ def log_member(setup: TrainSetup, report: dict, best_step: int, seconds: float) 
     mlflow.log_metrics({f"best_{k}" if k == METRIC else k: v for k, v in metrics.items()})
     mlflow.log_metrics({"best_step": best_step, "train_seconds": seconds, "samples_per_s": samples_per_s})
     mlflow.log_artifact(str(members.checkpoint_path(setup.member)), artifact_path="checkpoint")
-    return {**report, "best_step": best_step, "steps": setup.train.steps, "train_seconds": round(seconds, 1),
+    return {**report, "best_step": best_step, "steps": setup.train.steps, "steps_run": setup.module.global_step,
+            "train_seconds": round(seconds, 1),
             "samples_per_s": round(samples_per_s, 1), "mlflow_run_id": mlflow.active_run().info.run_id}
 
 
