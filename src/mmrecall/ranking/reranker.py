@@ -28,7 +28,7 @@ from ..config import Params, ParamsError, RerankParams, member_names, to_dict
 from ..data.store import FeatureStore
 from ..errors import MissingInputError, UserError
 from . import outputs
-from .features import FeatureSpec, build_features, fit_pca
+from .features import FeatureSpec, build_features, fit_pca, project
 
 MODEL_DIR = Path("models") / "rerank"
 SPEC, PCA, COUNTS = "spec.json", "pca.npz", "counts.parquet"
@@ -127,10 +127,16 @@ def fit_variant(params: Params, stores: dict[str, FeatureStore], counts: pd.Seri
     names = member_names(params, rp.members)
     outputs_dir = Path(params.data.outputs)
     folder = outputs.smoothed if smoothing else str
-    outs = {s: {m: outputs.read_member(outputs_dir, folder(m), s, st) for m in names} for s, st in stores.items()}
     spec = FeatureSpec(names, rp.pca_dims, dict(rp.ensemble_weights))
-    pca = {m: fit_pca([outs[s][m][1] for s in stores], rp.pca_dims) for m in names} if rp.pca_dims else {}
-    mats = {s: build_features(st, outs[s], spec, pca, counts) for s, st in stores.items()}
+    outs: dict[str, dict] = {s: {} for s in stores}
+    pca = {}
+    for m in names:  # one member's fused vectors at a time (memory-mapped): only their components are kept
+        member = {s: outputs.read_member(outputs_dir, folder(m), s, st) for s, st in stores.items()}
+        if rp.pca_dims:
+            pca[m] = fit_pca([fused for _, fused in member.values()], rp.pca_dims)
+        for s, (logits, fused) in member.items():
+            outs[s][m] = (logits, project(fused, *pca[m]) if rp.pca_dims else None)
+    mats = {s: build_features(st, outs[s], spec, counts) for s, st in stores.items()}
     spec.names = list(mats["valid"][0].columns)
     valid = stores["valid"]
     tests = {s: m[0] for s, m in mats.items() if s != "valid"}
