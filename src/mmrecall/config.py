@@ -69,7 +69,7 @@ class PoolsParams:
     """TF-IDF similar-query pools of the train store (data/negatives.py), built once for every member."""
 
     cap: int = 64  # most similar queries kept per query: pools hold min(3 x largest group - 1, cap)
-    shard_queries: int = 100_000  # similar queries are searched within shards of this many queries
+    shard_queries: int = 50_000  # similar queries are searched within shards of this many queries
 
 
 @dataclass

@@ -6,7 +6,7 @@ of the same text can never come back as a negative.
 
     texts, row_query = group_queries(cleaned_texts)                  # one entry per train row
     size = pool_size(np.bincount(row_query), cap=64)                  # 3 * n_max - 1, at most the cap
-    neighbours = similar_queries(texts, size, shard_queries=100_000)  # the `pools` stage (data/pools.py)
+    neighbours = similar_queries(texts, size, shard_queries=50_000)   # the `pools` stage (data/pools.py)
     pools = pad_pools(neighbours, size, rng)                          # (n_queries, size) int32, per member seed
     sampler = HardNegativeSampler.from_row_queries(row_query, pools, k=10)
     triples = sampler.sample(seed)                                    # re-sample per epoch with a new seed

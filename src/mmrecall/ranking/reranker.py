@@ -122,20 +122,31 @@ class Variant:
     importance: dict[str, float]
 
 
+def read_members(outputs_dir: Path, folders: list[str], names: list[str], stores: dict[str, FeatureStore],
+                 pca_dims: int) -> tuple[dict[str, dict], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """({split: {member: (logits, principal components or None)}}, {member: (mean, components)}).
+
+    One member at a time: its fused vectors (memory-mapped) are read in chunks by the PCA and the
+    projection, and only their `pca_dims` components are kept, so memory does not grow with the members.
+    """
+    outs: dict[str, dict] = {s: {} for s in stores}
+    pca = {}
+    for name, folder in zip(names, folders):
+        member = {s: outputs.read_member(outputs_dir, folder, s, st) for s, st in stores.items()}
+        if pca_dims:
+            pca[name] = fit_pca([fused for _, fused in member.values()], pca_dims)
+        for s, (logits, fused) in member.items():
+            outs[s][name] = (logits, project(fused, *pca[name]) if pca_dims else None)
+    return outs, pca
+
+
 def fit_variant(params: Params, stores: dict[str, FeatureStore], counts: pd.Series, smoothing: bool) -> Variant:
     rp = params.rerank
     names = member_names(params, rp.members)
     outputs_dir = Path(params.data.outputs)
     folder = outputs.smoothed if smoothing else str
     spec = FeatureSpec(names, rp.pca_dims, dict(rp.ensemble_weights))
-    outs: dict[str, dict] = {s: {} for s in stores}
-    pca = {}
-    for m in names:  # one member's fused vectors at a time (memory-mapped): only their components are kept
-        member = {s: outputs.read_member(outputs_dir, folder(m), s, st) for s, st in stores.items()}
-        if rp.pca_dims:
-            pca[m] = fit_pca([fused for _, fused in member.values()], rp.pca_dims)
-        for s, (logits, fused) in member.items():
-            outs[s][m] = (logits, project(fused, *pca[m]) if rp.pca_dims else None)
+    outs, pca = read_members(outputs_dir, [folder(m) for m in names], names, stores, rp.pca_dims)
     mats = {s: build_features(st, outs[s], spec, counts) for s, st in stores.items()}
     spec.names = list(mats["valid"][0].columns)
     valid = stores["valid"]
