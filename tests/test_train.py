@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mmrecall.ranking import members
-from mmrecall.stages import prepare
+from mmrecall.stages import pools, prepare
 from mmrecall.stages import train as train_stage
 from mmrecall.training import fit
 from mmrecall.config import load_params
@@ -39,6 +39,7 @@ def workdir(micro_copy, monkeypatch):
     (root / "params.yaml").write_text(yaml.safe_dump({"prepare": {"workers": 1}, "train": TINY}))
     for split in ("train", "valid", "testA"):
         prepare.main(["--split", split, "--no-progress"])
+    pools.main([])
     return root
 
 

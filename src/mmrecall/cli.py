@@ -24,6 +24,7 @@ log = logging.getLogger("mmrecall.cli")  # (not __name__: that is __main__ under
 COMMANDS = {
     "synth": "write a synthetic dataset in the official format and layout",
     "prepare": "decode + validate one split's TSV into the memory-mapped feature store",
+    "pools": "TF-IDF similar-query pools of the train store (the members' hard negatives)",
     "baseline": "fit and score the wordproto floor, log it to MLflow",
     "train": "train one ranker member (model x seed), logged to MLflow",
     "tune": "Optuna study over focal alpha/gamma and the schedule amplitude; writes best_params.yaml",

@@ -30,6 +30,7 @@ class DataParams:
 
     root: str = "data"  # the organisers' layout, tracked by data.dvc
     features: str = "features"  # prepare outputs, one folder per split
+    pools: str = "pools"  # the pools stage's output: similar queries of features/train (hard negatives)
     outputs: str = "outputs"  # score tables, one folder per model
     metrics: str = "metrics"  # small JSON metrics files (DVC metrics, cache: false)
     splits: list[str] = field(default_factory=lambda: ["train", "valid", "testA"])
@@ -65,6 +66,14 @@ class PrepareParams:
     max_boxes_filter: int = 0  # solo team: drop TRAIN rows with more boxes than this (40); 0 = off
     chunk_bytes: int = 8 << 20  # bytes of TSV per worker task (below glibc's mmap threshold, see BENCHMARKS.md)
     workers: int = 2  # processes decoding one file (0 or 1 = in-process)
+
+
+@dataclass
+class PoolsParams:
+    """TF-IDF similar-query pools of the train store (data/negatives.py), built once for every member."""
+
+    cap: int = 64  # most similar queries kept per query: pools hold min(3 x largest group - 1, cap)
+    shard_queries: int = 50_000  # similar queries are searched within shards of this many queries
 
 
 @dataclass
@@ -264,6 +273,7 @@ class Params:
     data: DataParams = field(default_factory=DataParams)
     synth: SynthParams = field(default_factory=SynthParams)
     prepare: PrepareParams = field(default_factory=PrepareParams)
+    pools: PoolsParams = field(default_factory=PoolsParams)
     baseline: BaselineParams = field(default_factory=BaselineParams)
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)

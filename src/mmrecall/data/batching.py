@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
 from ..config import ParamsError, TrainParams
-from .negatives import HardNegativeSampler, build_pools, group_queries
+from . import pools as pool_files
+from .negatives import HardNegativeSampler, group_queries, pad_pools
 from .store import FeatureStore
 from .tsv import BOX_DIM, FEATURE_DIM
 
@@ -93,15 +95,20 @@ class EvalBatches:
 
 
 class TrainData:
-    """The train store grouped by cleaned query, tokenised once, with its hard-negative sampler."""
+    """The train store grouped by cleaned query, tokenised once, with its hard-negative sampler.
 
-    def __init__(self, store: FeatureStore, tokenizer, params: TrainParams, seed: int, pairwise: bool):
+    `pools`: the `pools` stage's folder (the similar queries of this store); the pools are padded to
+    their fixed size with random queries drawn from `seed`.
+    """
+
+    def __init__(self, store: FeatureStore, tokenizer, params: TrainParams, seed: int, pairwise: bool, pools: str | Path):
         self.store, self.params, self.seed, self.pairwise = store, params, seed, pairwise
         if not 0.0 <= params.in_batch_neighbours <= 0.5:
             raise ParamsError(f"params train.in_batch_neighbours must be in [0, 0.5], got {params.in_batch_neighbours}")
         texts, self.row_query = group_queries(store.rows.query_clean.tolist())
         self.tokens = QueryTokens.build(texts, tokenizer, params.max_query_len)
-        pools = build_pools(texts, np.bincount(self.row_query), np.random.default_rng(seed))
+        neighbours, size = pool_files.load(pools, texts)
+        pools = pad_pools(neighbours, size, np.random.default_rng(seed))
         self.sampler = HardNegativeSampler.from_row_queries(self.row_query, pools, params.negatives)
 
 

@@ -4,15 +4,20 @@ A "query" here is one distinct *cleaned* query text: rows of train whose cleaned
 identical must be grouped into one query by the caller (`group_queries` does it), so that a row
 of the same text can never come back as a negative.
 
-    texts, row_query = group_queries(cleaned_texts)           # one entry per train row
-    pools = build_pools(texts, np.bincount(row_query), rng)    # (n_queries, 3*n_max - 1)
+    texts, row_query = group_queries(cleaned_texts)                  # one entry per train row
+    size = pool_size(np.bincount(row_query), cap=64)                  # 3 * n_max - 1, at most the cap
+    neighbours = similar_queries(texts, size, shard_queries=50_000)   # the `pools` stage (data/pools.py)
+    pools = pad_pools(neighbours, size, rng)                          # (n_queries, size) int32, per member seed
     sampler = HardNegativeSampler.from_row_queries(row_query, pools, k=10)
-    triples = sampler.sample(seed)                             # re-sample per epoch with a new seed
+    triples = sampler.sample(seed)                                    # re-sample per epoch with a new seed
 
 Pools: binary term presence x idf (idf = log2(N/df), the gensim defaults with the local weight
-forced to 1), L2-normalised rows, cosine S = X X^T; per query the topk most similar queries with
-non-zero similarity (itself included), padded with random queries, minus itself. S is computed a
-block of rows at a time so memory stays bounded on ~1M queries.
+forced to 1), L2-normalised rows, cosine S = X X^T; per query the most similar queries with
+non-zero similarity (itself excluded), padded with random queries. As the 1st place (shards of
+~150k rows), similar queries are searched within contiguous shards of queries, so the time grows
+linearly in the number of queries; S is computed a block of rows at a time so memory stays bounded.
+The pool length is 3 * n_max - 1 (the 1st place) capped (a group of 1,000 rows would otherwise make
+every pool 2,999 long).
 
 Triples: for a query with n positive rows, k times: draw n distinct queries from its pool, one
 random row of each is the negative of one positive. Similar queries whose products would also fit
@@ -90,6 +95,96 @@ def _pad(q: int, chosen: np.ndarray, need: int, n: int, rng: np.random.Generator
     return np.concatenate([rng.permutation(free), rest + (rest >= q)])
 
 
+class Neighbours(NamedTuple):
+    """The most similar other queries of every query (non-zero similarity only), most similar first.
+
+    CSR layout: query q's neighbours are indices[indptr[q] : indptr[q + 1]] (int32 query indices).
+    """
+
+    indptr: np.ndarray  # (n_queries + 1,) int64
+    indices: np.ndarray  # (n_neighbours,) int32
+
+    def __len__(self) -> int:
+        return len(self.indptr) - 1
+
+
+def pool_size(group_sizes: np.ndarray | int, cap: int | None = None) -> int:
+    """Pool length: 3 * the largest group - 1 (the 1st place), at most `cap` (bounds memory on big groups)."""
+    size = 3 * int(np.max(group_sizes)) - 1
+    return size if cap is None else min(size, int(cap))
+
+
+def shard_bounds(n: int, shard_queries: int | None) -> list[tuple[int, int]]:
+    """Contiguous query ranges of at most `shard_queries` queries, of near-equal sizes (one range if None)."""
+    shards = 1 if not shard_queries else max(1, -(-n // int(shard_queries)))
+    edges = np.linspace(0, n, shards + 1).round().astype(np.int64)
+    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+
+
+def similar_queries(
+    queries: Sequence[str],
+    size: int,
+    shard_queries: int | None = None,
+    block_rows: int = 2048,
+    max_block_nnz: int = 32_000_000,
+) -> Neighbours:
+    """Up to `size` most similar other queries of every query, searched within its shard only.
+
+    Like the 1st place (who worked per shard of ~150k rows), similar queries are looked for inside
+    contiguous shards of `shard_queries` queries, so the time grows linearly in the number of
+    queries (quadratically in the shard size); idf is computed over all queries. Blocks are cut at
+    `block_rows` rows or when the nnz bound of the S block exceeds `max_block_nnz`; the result does
+    not depend on them. Stored entries of S are exactly the pairs sharing a word (products of positive
+    weights); a row's entry order from the sparse product depends on that row only, so the argpartition
+    tie-breaking and hence the neighbours do not depend on the blocking.
+    """
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    x = tfidf_matrix(queries)
+    counts = np.zeros(len(queries), dtype=np.int64)
+    parts: list[np.ndarray] = []
+    for lo, hi in shard_bounds(len(queries), shard_queries):
+        xs = x[lo:hi]
+        xt = xs.T.tocsr()
+        for start, stop in _blocks(xs, block_rows, max_block_nnz):
+            s = (xs[start:stop] @ xt).tocsr()
+            chosen = np.empty((stop - start, size), dtype=np.int32)
+            for r in range(stop - start):
+                cols = s.indices[s.indptr[r] : s.indptr[r + 1]]
+                sims = s.data[s.indptr[r] : s.indptr[r + 1]]
+                keep = cols != start + r
+                cols, sims = cols[keep], sims[keep]
+                if len(cols) > size:
+                    top = np.argpartition(-sims, size - 1)[:size]
+                    cols, sims = cols[top], sims[top]
+                counts[lo + start + r] = len(cols)
+                chosen[r, : len(cols)] = cols[np.argsort(-sims, kind="stable")] + lo
+            parts.append(chosen[np.arange(size) < counts[lo + start : lo + stop, None]])
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    return Neighbours(indptr, np.concatenate([*parts, np.empty(0, np.int32)]))
+
+
+def pad_pools(neighbours: Neighbours, size: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_queries, size) int32 pools: each query's neighbours, then random other queries up to `size`.
+
+    The padding is drawn query by query in index order, so a seed gives the same pools whatever the
+    neighbours' storage.
+    """
+    n = len(neighbours)
+    if n < 2:
+        raise ValueError("need at least 2 distinct queries to build negative pools")
+    counts = np.diff(neighbours.indptr)
+    if (counts > size).any():
+        raise ValueError(f"neighbour lists longer than the pool size {size}")
+    pools = np.empty((n, size), dtype=np.int32)
+    owner = np.repeat(np.arange(n), counts)
+    pools[owner, np.arange(len(owner)) - neighbours.indptr[owner]] = neighbours.indices
+    for q in np.flatnonzero(counts < size).tolist():
+        chosen = pools[q, : counts[q]].astype(np.int64)
+        pools[q, counts[q] :] = _pad(q, chosen, size - int(counts[q]), n, rng)
+    return pools
+
+
 def build_pools(
     queries: Sequence[str],
     group_sizes: np.ndarray | int,
@@ -97,46 +192,21 @@ def build_pools(
     topk: int | None = None,
     block_rows: int = 2048,
     max_block_nnz: int = 32_000_000,
+    shard_queries: int | None = None,
 ) -> np.ndarray:
-    """Pool of `topk - 1` similar query indices per query, shape (n_queries, topk - 1), int64.
+    """Pool of `topk - 1` similar query indices per query, shape (n_queries, topk - 1), int32.
 
     queries: distinct cleaned query texts (index = query index). group_sizes: rows per query (or
     directly n_max); topk defaults to 3 * n_max. A pool lists its non-zero-similarity neighbours
-    first, most similar first, then the random padding. Blocks are cut at `block_rows` rows or
-    when the nnz bound of the S block exceeds `max_block_nnz`; the result does not depend on it.
-    Time grows with the number of query pairs sharing a word (roughly quadratic in n_queries):
-    the 1st place built pools per shard of ~150k rows (~30 s per 100k queries on one core here).
+    first, most similar first, then the random padding. `similar_queries` + `pad_pools` in one call;
+    the pipeline runs them apart (the `pools` stage once, each train member the padding with its seed).
     """
-    n = len(queries)
-    if n < 2:
+    if len(queries) < 2:
         raise ValueError("need at least 2 distinct queries to build negative pools")
-    n_max = int(np.max(group_sizes))
-    topk = 3 * n_max if topk is None else int(topk)
-    if topk < 2:
+    size = pool_size(group_sizes) if topk is None else int(topk) - 1
+    if size < 1:
         raise ValueError(f"topk must be >= 2, got {topk}")
-    size = topk - 1
-    x = tfidf_matrix(queries)
-    xt = x.T.tocsr()
-    pools = np.empty((n, size), dtype=np.int64)
-    for start, stop in _blocks(x, block_rows, max_block_nnz):
-        # Stored entries are exactly the pairs sharing a word (products of positive weights).
-        # A row's entry order from the sparse product depends on that row only, so the
-        # argpartition tie-breaking and hence the pools do not depend on the blocking.
-        s = (x[start:stop] @ xt).tocsr()
-        for r in range(stop - start):
-            q = start + r
-            cols = s.indices[s.indptr[r] : s.indptr[r + 1]]
-            sims = s.data[s.indptr[r] : s.indptr[r + 1]]
-            keep = cols != q
-            cols, sims = cols[keep], sims[keep]
-            if len(cols) > size:
-                top = np.argpartition(-sims, size - 1)[:size]
-                cols, sims = cols[top], sims[top]
-            chosen = cols[np.argsort(-sims, kind="stable")].astype(np.int64)
-            pools[q, : len(chosen)] = chosen
-            if len(chosen) < size:
-                pools[q, len(chosen) :] = _pad(q, chosen, size - len(chosen), n, rng)
-    return pools
+    return pad_pools(similar_queries(queries, size, shard_queries, block_rows, max_block_nnz), size, rng)
 
 
 class Triples(NamedTuple):
@@ -174,10 +244,12 @@ class HardNegativeSampler:
         self.sizes = np.array([len(p) for p in positives], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
         self.rows = np.concatenate([np.asarray(p, dtype=np.int64) for p in positives] + [np.empty(0, np.int64)])
-        self.pools = np.asarray(pools, dtype=np.int64)
+        self.pools = np.asarray(pools)
+        if not np.issubdtype(self.pools.dtype, np.integer):
+            raise ValueError(f"pools must hold query indices, got dtype {self.pools.dtype}")
         self.k = k
         empty = self.sizes == 0
-        for start in range(0, len(self.pools), 65536):  # chunked: pools can be ~1M x 3*n_max
+        for start in range(0, len(self.pools), 65536):  # chunked: pools can be ~1.5M x pools.cap
             chunk = self.pools[start : start + 65536]
             own = np.arange(start, start + len(chunk))[:, None]
             if (empty[chunk] & ~empty[own]).any():

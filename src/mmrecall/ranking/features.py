@@ -2,7 +2,7 @@
 
 - member scores, their per-query rank / z-score / gap to the query's best, the ensemble probability;
 - the first `pca_dims` principal components of each member's fused vector (PCA fitted on the fused
-  vectors of every evaluation split: unsupervised, no labels);
+  vectors of every evaluation split: unsupervised, no labels; one member at a time, in chunks of rows);
 - candidate features: num_boxes, kept boxes, image size, box area / aspect statistics, label histogram
   summary, the candidate's number of rows over all evaluation files (valid + testA + testB), its gap to
   the query's least frequent candidate and to the frequency filter's threshold (the 5th smallest count
@@ -25,6 +25,7 @@ from .ensemble import ensemble_scores
 from .metrics import K
 
 NUM_LABELS = 33
+CHUNK_VALUES = 1 << 22  # values of fused vectors read at a time by the PCA (16 MB as float32)
 
 
 def per_query(values: np.ndarray, groups: np.ndarray) -> dict[str, np.ndarray]:
@@ -81,25 +82,65 @@ def candidate_features(store: FeatureStore, counts: pd.Series) -> dict[str, np.n
     }
 
 
-def fit_pca(blocks: list[np.ndarray], dims: int) -> tuple[np.ndarray, np.ndarray]:
-    """(mean (D,), components (dims, D)) of the stacked rows, by an eigendecomposition of the covariance.
+def _chunk_rows(dim: int) -> int:
+    return max(1, CHUNK_VALUES // max(dim, 1))
 
-    torch with one thread: numpy's threaded BLAS took seconds for this on a shared 2-core machine.
+
+def _centered_chunks(blocks: list[np.ndarray], mean, dtype):
+    """The rows of every block minus `mean`, as torch tensors of at most CHUNK_VALUES values."""
+    import torch
+
+    chunk_rows = _chunk_rows(len(mean))
+    for block in blocks:
+        for start in range(0, len(block), chunk_rows):
+            yield torch.from_numpy(np.asarray(block[start : start + chunk_rows], dtype)) - mean
+
+
+def fit_pca(blocks: list[np.ndarray], dims: int, exact_max_dim: int = 1024, iterations: int = 8,
+            seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (D,), components (dims, D)) of the stacked rows, float32, reading CHUNK_VALUES values at a time.
+
+    Memory does not grow with the number of rows (blocks may be memory-mapped). Up to `exact_max_dim`
+    dimensions: an eigendecomposition of the covariance (float64, D x D). Above (the faithful members'
+    fused vectors have thousands of dimensions, a D x D float64 matrix and its eigendecomposition would
+    cost GBs and minutes): randomized subspace iteration in float32 (Halko et al.), `iterations` passes
+    over the data with `dims` + 10 vectors. torch with one thread: numpy's threaded BLAS took seconds
+    for this on a shared 2-core machine.
     """
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        x = torch.from_numpy(np.concatenate([np.asarray(b, np.float64) for b in blocks]))
-        mean = x.mean(0)
-        xc = x - mean
-        _, vecs = torch.linalg.eigh(xc.T @ xc)
-        comps = vecs.flip(1)[:, :dims].T.numpy().copy()
+        n, step = sum(len(b) for b in blocks), _chunk_rows(blocks[0].shape[1])
+        total = sum(np.asarray(b[s : s + step], np.float64).sum(0) for b in blocks for s in range(0, len(b), step))
+        mean = torch.from_numpy(np.asarray(total / n))
+        D = len(mean)
+        if D <= exact_max_dim:
+            cov = torch.zeros(D, D, dtype=torch.float64)
+            for c in _centered_chunks(blocks, mean, np.float64):
+                cov += c.T @ c
+            comps = torch.linalg.eigh(cov)[1].flip(1)[:, :dims].T.numpy().copy()
+        else:
+            mean32, k = mean.float(), min(dims + 10, D)
+            q = torch.linalg.qr(torch.randn(D, k, generator=torch.Generator().manual_seed(seed))).Q
+            for _ in range(iterations):
+                z = sum(c.T @ (c @ q) for c in _centered_chunks(blocks, mean32, np.float32))
+                q = torch.linalg.qr(z).Q
+            small = sum((c @ q).T @ (c @ q) for c in _centered_chunks(blocks, mean32, np.float32))
+            comps = (q @ torch.linalg.eigh(small)[1]).flip(1)[:, :dims].T.numpy().copy()
     finally:
         torch.set_num_threads(threads)
     comps *= np.sign(comps[np.arange(len(comps)), np.abs(comps).argmax(1)])[:, None]  # a fixed sign
     return mean.numpy().astype(np.float32), comps.astype(np.float32)
+
+
+def project(fused: np.ndarray, mean: np.ndarray, comps: np.ndarray) -> np.ndarray:
+    """(rows, dims) float32 principal components of fused vectors, CHUNK_VALUES values at a time."""
+    out, chunk_rows = np.empty((len(fused), len(comps)), np.float32), _chunk_rows(len(mean))
+    for start in range(0, len(fused), chunk_rows):
+        out[start : start + chunk_rows] = (np.asarray(fused[start : start + chunk_rows], np.float32) - mean) @ comps.T
+    return out
 
 
 @dataclass
@@ -114,14 +155,14 @@ class FeatureSpec:
 
 def build_features(
     store: FeatureStore,
-    outputs: dict[str, tuple[np.ndarray, np.ndarray]],
+    outputs: dict[str, tuple[np.ndarray, np.ndarray | None]],
     spec: FeatureSpec,
-    pca: dict[str, tuple[np.ndarray, np.ndarray]],
     counts: pd.Series,
     ensemble: np.ndarray | None = None,
 ) -> tuple[pd.DataFrame, np.ndarray]:
-    """(feature matrix, ensemble probability) of every store row; `outputs`: member -> (logits, fused).
+    """(feature matrix, ensemble probability) of every store row.
 
+    `outputs`: member -> (logits, principal components of its fused vectors (`project`); None without PCA).
     `ensemble`: the rows' ensemble probability when the caller has it (valid's out-of-fold one);
     otherwise the weighted sum with `spec.ensemble_weights`.
     """
@@ -134,8 +175,7 @@ def build_features(
         for key, value in per_query(scores[m], groups).items():
             cols[f"{m}.{key}"] = value
         if spec.pca_dims:
-            mean, comps = pca[m]
-            proj = (np.asarray(outputs[m][1], np.float32) - mean) @ comps.T
+            proj = outputs[m][1]
             for j in range(proj.shape[1]):
                 cols[f"{m}.pc{j}"] = proj[:, j]
     cols["ensemble"] = ens

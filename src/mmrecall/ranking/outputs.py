@@ -68,13 +68,13 @@ def read_tables(outputs_dir: str | Path, name: str, splits) -> dict[str, pd.Data
 
 
 def read_member(outputs_dir: str | Path, name: str, split: str, store: FeatureStore) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, fused) of a member on a split, checked row by row against the split's feature store."""
+    """(logits, fused) of a member on a split, checked row by row against the split's feature store (fused memory-mapped)."""
     path = table_path(outputs_dir, name, split)
     if not path.exists():
         raise MissingInputError(f"{path}: no score table for member {name!r} (params rerank.members; "
                                 "smoothed members come from `mmrecall smooth`)")
     table = pd.read_parquet(path)
-    fused = np.load(fused_path(outputs_dir, name, split))
+    fused = np.load(fused_path(outputs_dir, name, split), mmap_mode="r")  # read in chunks by the re-ranker's PCA
     rows = store.rows
     if len(table) != len(rows) or len(fused) != len(rows) or not (
         (table.query_id.to_numpy() == rows.query_id.to_numpy()).all()

@@ -33,7 +33,7 @@ from ..data.tsv import COLUMNS, parse_chunk
 from ..errors import MissingInputError, UserError
 from . import members as members_mod
 from . import reranker
-from .features import build_features
+from .features import build_features, project
 from .smoothing import smoothed_store
 
 INT_COLUMNS = ("product_id", "image_h", "image_w", "num_boxes", "query_id")
@@ -115,10 +115,10 @@ class Ranker:
         outputs = {}
         for name, member in self.members.items():
             scores, fused = members_mod.score(member, store)
-            outputs[name] = (scores.score.to_numpy(), fused)
+            outputs[name] = (scores.score.to_numpy(), project(fused, *self.pca[name]) if self.pca else None)
         in_table = store.rows.product_id.value_counts()
         counts = pd.concat([self.counts.reindex(in_table.index).fillna(0), in_table], axis=1).max(axis=1)
-        X, ensemble = build_features(store, outputs, self.feature_spec, self.pca, counts)
+        X, ensemble = build_features(store, outputs, self.feature_spec, counts)
         if kind == "ensemble":
             return ensemble
         return np.mean([b.predict(X) for b in self.boosters], axis=0)

@@ -29,7 +29,7 @@ from ..data.store import FeatureStore
 from ..errors import MissingInputError, UserError
 from . import outputs
 from .ensemble import learn_weights, learn_weights_oof
-from .features import FeatureSpec, build_features, fit_pca
+from .features import FeatureSpec, build_features, fit_pca, project
 
 MODEL_DIR = Path("models") / "rerank"
 SPEC, PCA, COUNTS = "spec.json", "pca.npz", "counts.parquet"
@@ -123,13 +123,31 @@ class Variant:
     importance: dict[str, float]
 
 
+def read_members(outputs_dir: Path, folders: list[str], names: list[str], stores: dict[str, FeatureStore],
+                 pca_dims: int) -> tuple[dict[str, dict], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """({split: {member: (logits, principal components or None)}}, {member: (mean, components)}).
+
+    One member at a time: its fused vectors (memory-mapped) are read in chunks by the PCA and the
+    projection, and only their `pca_dims` components are kept, so memory does not grow with the members.
+    """
+    outs: dict[str, dict] = {s: {} for s in stores}
+    pca = {}
+    for name, folder in zip(names, folders):
+        member = {s: outputs.read_member(outputs_dir, folder, s, st) for s, st in stores.items()}
+        if pca_dims:
+            pca[name] = fit_pca([fused for _, fused in member.values()], pca_dims)
+        for s, (logits, fused) in member.items():
+            outs[s][name] = (logits, project(fused, *pca[name]) if pca_dims else None)
+    return outs, pca
+
+
 def fit_variant(params: Params, stores: dict[str, FeatureStore], counts: pd.Series, smoothing: bool) -> Variant:
     rp = params.rerank
     names = member_names(params, rp.members)
     outputs_dir = Path(params.data.outputs)
     folder = outputs.smoothed if smoothing else str
-    outs = {s: {m: outputs.read_member(outputs_dir, folder(m), s, st) for m in names} for s, st in stores.items()}
     spec = FeatureSpec(names, rp.pca_dims, dict(rp.ensemble_weights))
+    outs, pca = read_members(outputs_dir, [folder(m) for m in names], names, stores, rp.pca_dims)
     valid = stores["valid"]
     labels, query_ids = labels_of(valid), valid.rows.query_id.to_numpy()
     valid_ensemble = None  # with learned weights: each valid row's from weights fitted on the other folds
@@ -137,8 +155,7 @@ def fit_variant(params: Params, stores: dict[str, FeatureStore], counts: pd.Seri
         valid_scores = {m: np.asarray(outs["valid"][m][0], np.float64) for m in names}
         spec.ensemble_weights = learn_weights(valid_scores, labels)
         valid_ensemble = learn_weights_oof(valid_scores, labels, query_folds(query_ids, rp.folds, rp.seed))
-    pca = {m: fit_pca([outs[s][m][1] for s in stores], rp.pca_dims) for m in names} if rp.pca_dims else {}
-    mats = {s: build_features(st, outs[s], spec, pca, counts, valid_ensemble if s == "valid" else None)
+    mats = {s: build_features(st, outs[s], spec, counts, valid_ensemble if s == "valid" else None)
             for s, st in stores.items()}
     spec.names = list(mats["valid"][0].columns)
     tests = {s: m[0] for s, m in mats.items() if s != "valid"}

@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 NEEDS = {
     "prepare": [],
     "baseline": ["prepare"],
-    "train": ["prepare"],
-    "tune": ["prepare"],
+    "pools": ["prepare"],
+    "train": ["prepare", "pools"],
+    "tune": ["prepare", "pools"],
     "evaluate": ["baseline", "train"],
     "smooth": ["train"],
     "rerank": ["smooth"],

@@ -10,8 +10,8 @@
 `fit_member` runs them all inside the member's MLflow run (what `mmrecall train` does); the tuning study
 runs the first three only.
 
-- Data: train rows grouped by cleaned query text; the 1st place's TF-IDF similar-query hard negatives,
-  re-drawn every "epoch" (= `eval_every` steps) from a seed that depends only on (seed, epoch); the
+- Data: train rows grouped by cleaned query text; the 1st place's TF-IDF similar-query hard negatives
+  (pools from the `pools` stage, padded with random queries from the member's seed), re-drawn every "epoch" (= `eval_every` steps) from a seed that depends only on (seed, epoch); the
   two-tower trains on positive pairs with the solo team's in-batch loss, a share of each of its batches
   (`in_batch_neighbours`) being rows of TF-IDF pool neighbours of the other rows: hard in-batch negatives.
 - Lightning Trainer (cpu by default; devices / strategy / precision from params). Valid NDCG@5 every
@@ -97,7 +97,7 @@ def build_data(name: str, seed: int, params: Params) -> TrainSetup:
     if "valid" not in stores:
         raise MissingInputError(f"{params.data.features}/valid: no feature store (run `mmrecall prepare --split valid`)")
     tokenizer = load_tokenizer(cfg.backbone)
-    data = TrainData(train_store, tokenizer, tp, seed, pairwise=name == "two_tower")
+    data = TrainData(train_store, tokenizer, tp, seed, pairwise=name == "two_tower", pools=params.data.pools)
     eval_batches = {split: EvalBatches(store, tokenizer, tp.max_query_len, tp.eval_batch_size, tp.max_boxes)
                     for split, store in stores.items()}
     model = build_model(name, cfg)  # after seed_everything: the same seed gives the same initial weights
