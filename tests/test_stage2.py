@@ -325,5 +325,5 @@ def test_register_names_a_member_whose_logged_checkpoint_is_missing(in_repo, cap
     err = capsys.readouterr().err.strip().splitlines()[-1]  # (after MLflow's own log lines)
     assert err.startswith("mmrecall register: error: member mcan-seed2: the checkpoint of its logged model"), err
     assert found.run_id in err and found.model_id in err
-    with pytest.raises(MissingLoggedMemberError, match=f"member mcan-seed2: no finished run"):
-        tracking.find_member("mcan-seed2", "other-experiment")  # never trained against that experiment
+    with pytest.raises(MissingLoggedMemberError, match="member mcan-seed9: no finished run 'mcan-seed9' on this data"):
+        tracking.find_member("mcan-seed9")  # never trained against this store

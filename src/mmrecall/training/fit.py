@@ -5,7 +5,7 @@
     seconds = train(setup, trainer)                           # valid NDCG@5 every eval_every steps
     best_step = load_best(setup, best)                        # the best checkpoint's weights back in the model
     report = write_member_outputs(setup, params, best_step)   # score tables, fused vectors, model.pt
-    result = log_member(setup, params, report, best_step, seconds)    # metrics + the logged model
+    result = log_member(setup, params, report, best_step, seconds)  # metrics + the logged model
 
 `fit_member` runs them all inside the member's MLflow run (what `mmrecall train` does); the tuning study
 runs the first three only.
