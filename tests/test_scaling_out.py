@@ -75,7 +75,7 @@ def server(tmp_path) -> Iterator[str]:
     finally:
         os.killpg(proc.pid, 15)  # the server and its workers
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             proc.wait()

@@ -360,7 +360,7 @@ class LoggedMember:
 
 
 def member_tags(member: str) -> dict[str, str]:
-    """What finds a member's logged model again without its ids: its name and the data it was trained on."""
+    """A member's logged-model tags: its name and the data it was trained on (to filter the Models view by)."""
     return {"member": member, "data_md5": data_hash() or "unknown"}
 
 
