@@ -25,8 +25,8 @@ def test_ddp_two_cpu_processes_one_checkpoint(workdir, mlflow_store):
     assert "distributed_backend=gloo" in out.stderr + out.stdout and "MEMBER: 2/2" in out.stderr + out.stdout
 
     written = sorted(p.relative_to(workdir).as_posix() for p in workdir.rglob("*.pt"))
-    assert len(written) == 2 and written[1] == "models/mcan/seed3/model.pt"  # + its one MLflow artifact copy
-    assert written[0].startswith("mlruns/") and written[0].endswith("/artifacts/checkpoint/model.pt")
+    assert len(written) == 2 and written[1] == "models/mcan/seed3/model.pt"  # + its one logged-model copy
+    assert written[0].startswith("mlruns/") and "/models/m-" in written[0] and written[0].endswith("/artifacts/model.pt")
     assert not list(workdir.rglob("*.ckpt"))  # the finished run leaves no checkpoint to resume
     assert (workdir / "metrics" / "train" / "mcan-seed3.json").exists()
     mlflow.set_tracking_uri(mlflow_store)

@@ -71,8 +71,9 @@ def test_layers_only_import_downwards(module):
     assert not upward, f"{module} ({layer(module)}) imports from a later layer: {upward}"
 
 
-def test_the_registered_models_code_reaches_library_modules_only():
-    seen, todo = set(), ["mmrecall.ranking.ranker_model"]
+@pytest.mark.parametrize("code", ["mmrecall.ranking.ranker_model", "mmrecall.ranking.member_model"])
+def test_the_logged_models_code_reaches_library_modules_only(code):
+    seen, todo = set(), [code]
     while todo:
         module = todo.pop()
         if module in seen or module not in MODULES:

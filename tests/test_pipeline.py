@@ -10,8 +10,12 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import yaml
+
+from mmrecall.ranking.members import score
+from mmrecall.ranking.ranker import candidate_store, read_candidates
 
 from .conftest import MICRO, ROOT
 from .test_train import TINY
@@ -88,6 +92,18 @@ def test_dvc_repro_end_to_end(repo):
     client = mlflow.MlflowClient()
     champion = client.get_model_version_by_alias("mmrecall-ranker", "champion")
     assert champion.tags["data_md5"] == data_md5 and float(champion.tags["ndcg_at_5_valid_oof"]) > 0
+    # Its members came from their logged models: the version names their runs, and each member loaded from its
+    # logged model scores like the registered ranker's copy of it.
+    ranker = mlflow.pyfunc.load_model("models:/mmrecall-ranker@champion").unwrap_python_model().ranker
+    table = read_candidates(repo / "data" / "testA" / "testA.tsv")
+    small = table[table.query_id.isin(table.query_id.unique()[:2])]
+    for seed, member in zip((1, 2), members):
+        name = f"mcan-seed{seed}"
+        ids = json.loads((repo / "metrics" / "train" / f"{name}.json").read_text())["logged_model"]
+        assert champion.tags[f"member.{name}.run_id"] == ids["run_id"] == member["run_id"]
+        alone = mlflow.pyfunc.load_model(f"models:/{ids['model_id']}").predict(small)["score"].to_numpy()
+        inside, _ = score(ranker.members[name], candidate_store(small))
+        np.testing.assert_allclose(alone, inside.score.to_numpy(), rtol=1e-6)
     submission = (repo / "submission.csv").read_text().splitlines()
     assert submission[0] == "query-id,product1,product2,product3,product4,product5" and len(submission) == 1 + MICRO["test_queries"]
     assert (repo / "plots" / "ndcg_at_5" / "mcan-seed1.csv").exists() and (repo / "plots" / "lr" / "mcan-seed2.csv").exists()

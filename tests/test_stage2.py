@@ -17,9 +17,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from mmrecall import tracking
+from mmrecall import cli, tracking
 from mmrecall.config import PrepareParams, RerankParams, SmoothParams, load_params
 from mmrecall.data.ingest import ingest_tsv
+from mmrecall.errors import MissingLoggedMemberError
 from mmrecall.data.store import FeatureStore
 from mmrecall.models.mcan import MCAN, MCANConfig
 from mmrecall.ranking import members, reranker
@@ -27,6 +28,7 @@ from mmrecall.ranking.ensemble import ensemble_scores, learn_weights, learn_weig
 from mmrecall.ranking.ranker import CandidateTableError, Ranker, candidate_store, read_candidates
 from mmrecall.ranking.smoothing import smooth_features, smooth_pool, smoothed_store
 from mmrecall.stages import predict, prepare, register, rerank
+from mmrecall.training.fit import log_checkpoint
 
 # --- smoothing ---------------------------------------------------------------------------------------
 
@@ -245,16 +247,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def log_members(names: list[str]) -> dict[str, tracking.LoggedMember]:
+    """The fixture's members logged as `mmrecall train` logs them: a member run each, its checkpoint its logged model."""
+    logged = {}
+    for member in names:
+        model, _, seed = member.rpartition("-seed")
+        with tracking.start_run(member, stage="train", params={"model": model, "seed": seed},
+                                tags={"kind": "member", "model": model, "seed": seed}) as run:
+            model_id = log_checkpoint(member, "minilm", 30, {"model": model, "seed": seed})
+        logged[member] = tracking.LoggedMember(member, run.info.run_id, model_id)
+    return logged
+
+
 @pytest.mark.slow
 def test_register_predict_cli_and_serve(in_repo, tmp_path, mlflow_store):
     root, params, _ = in_repo
-    first = register.run(params)
+    names = ["mcan-seed1", "mcan-seed2"]
+    logged = log_members(names)
+    first = register.run(params)  # no metrics/train here: the members are found by name and data hash
     assert first["moved"] and first["champion"] == first["version"]
     client = mlflow.MlflowClient()
     tags = client.get_model_version(params.register.name, first["version"]).tags
     assert tags["ndcg_at_5_valid_oof"] and "ndcg_at_5_testA" in tags and "data_md5" in tags
     second = register.run(params)  # the same model again: not better, the alias stays
     assert not second["moved"] and second["champion"] == first["version"]
+
+    # The version names where its members came from, and its source run is the register run.
+    version = client.get_model_version(params.register.name, first["version"])
+    for member, found in logged.items():
+        assert tags[f"member.{member}.run_id"] == found.run_id and tags[f"member.{member}.model_id"] == found.model_id
+        assert f"{member}={found.run_id}" in tags["member_runs"].split(",")
+    assert tags["rerank_run_id"] == json.loads((root / "models" / "rerank" / "spec.json").read_text())["mlflow_run_id"]
+    assert version.run_id == tags["run_id"] and client.get_run(version.run_id).info.run_name == "register"
+    logged_models = mlflow.search_logged_models(experiment_ids=[tracking.setup()], output_format="list")
+    assert {m.name for m in logged_models} >= set(names)  # the experiment's Models view lists the members
 
     # The predict stage: submission.csv through models:/mmrecall-ranker@champion.
     out = predict.run(params)
@@ -272,8 +298,16 @@ def test_register_predict_cli_and_serve(in_repo, tmp_path, mlflow_store):
                           "-o", str(tmp_path / "pred.json"), "--env-manager", "local"], env=env, capture_output=True, text=True)
     assert cli.returncode == 0, cli.stderr[-3000:]
     got = [row["score"] for row in json.loads((tmp_path / "pred.json").read_text())["predictions"]]
-    expected = mlflow.pyfunc.load_model(uri).predict(small)["score"].to_numpy()
+    champion = mlflow.pyfunc.load_model(uri)
+    expected = champion.predict(small)["score"].to_numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+    # Each member loaded from its logged model scores like the registered ranker's copy of it.
+    store = candidate_store(small)
+    for member, found in logged.items():
+        alone = mlflow.pyfunc.load_model(f"models:/{found.model_id}").predict(small)["score"].to_numpy()
+        inside, _ = members.score(champion.unwrap_python_model().ranker.members[member], store)
+        np.testing.assert_allclose(alone, inside.score.to_numpy(), rtol=1e-6)
 
     # `mlflow models serve` answers the same rows over REST on localhost.
     port = _free_port()
@@ -297,3 +331,20 @@ def test_register_predict_cli_and_serve(in_repo, tmp_path, mlflow_store):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_register_names_a_member_whose_logged_checkpoint_is_missing(in_repo, capsys):
+    root, params, _ = in_repo
+    logged = log_members(["mcan-seed1", "mcan-seed2"])
+    found = logged["mcan-seed2"]
+    location = mlflow.MlflowClient().get_logged_model(found.model_id).artifact_location
+    (Path(location.removeprefix("file://")) / "artifacts" / tracking.CHECKPOINT_FILE).unlink()  # lost in the store
+    assert members.checkpoint_path("mcan-seed2").exists()  # the local file is there, and must not be used
+
+    assert cli.main(["register"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (after MLflow's own log lines)
+    assert err.startswith("mmrecall register: error: member mcan-seed2: the checkpoint of its logged model"), err
+    assert found.run_id in err and found.model_id in err
+    with pytest.raises(MissingLoggedMemberError, match="member mcan-seed9: no finished run 'mcan-seed9' on this data"):
+        tracking.find_member("mcan-seed9")  # never trained against this store

@@ -66,6 +66,13 @@ def test_member_outputs_and_runs(workdir):
     steps = [m.step for m in mlflow.MlflowClient().get_metric_history(member.run_id, "ndcg_at_5")]
     assert steps == [2, 4, 6]
 
+    # The checkpoint is the run's logged model (once: not also a run artifact), with the member's params and metrics.
+    assert result["logged_model"]["run_id"] == member.run_id
+    logged = mlflow.get_logged_model(result["logged_model"]["model_id"])
+    assert logged.name == "mcan-seed3" and logged.source_run_id == member.run_id and logged.params["seed"] == "3"
+    assert {m.key: m.value for m in logged.metrics}["best_ndcg_at_5"] == result["valid"]["ndcg_at_5"]
+    assert mlflow.MlflowClient().list_artifacts(member.run_id) == []
+
 
 def test_resume_after_crash_gives_the_same_result(workdir):
     params = load_params()

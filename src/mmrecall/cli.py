@@ -29,6 +29,7 @@ COMMANDS = {
     "train": "train one ranker member (model x seed), logged to MLflow",
     "tune": "Optuna study over focal alpha/gamma and the schedule amplitude; writes best_params.yaml",
     "evaluate": "NDCG@5 of a submission / score table, or of every model (the stage)",
+    "gather": "members trained elsewhere, from the tracking store: checkpoints + valid/testA scores",
     "smooth": "re-score members on KNN-smoothed box features (solo team)",
     "rerank": "ensemble + LightGBM re-ranker on valid, query-grouped K-fold (honest NDCG@5)",
     "register": "log the ranker as an MLflow pyfunc, register it, move `champion` on improvement",

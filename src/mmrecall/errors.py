@@ -13,3 +13,8 @@ class UserError(Exception):
 
 class MissingInputError(UserError, FileNotFoundError):
     """A file or folder a command needs does not exist (yet): the message says which stage makes it."""
+
+
+class MissingLoggedMemberError(UserError):
+    """A member the ranker needs has no logged checkpoint in the tracking store: the message names the member
+    and its run (or says that no run of it was found), and the store."""

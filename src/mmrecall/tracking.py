@@ -9,6 +9,10 @@
   MLflow's own busy timeout (20 s) covers the writes after that.
 - Every run is tagged with the git commit and dirty flag, the `data.dvc` hash, the DVC stage and
   experiment name, and a hash of the params it ran with.
+- Members as logged models: each train member logs its checkpoint as an MLflow 3 logged model (a pyfunc)
+  linked to its run; `find_member` finds it again (by the ids its training recorded, or by the member's
+  name and data hash) and `download_checkpoint` fetches its model.pt, from any store, a tracking server
+  included. A missing one is a `MissingLoggedMemberError`, never a fall-back to a local file.
 """
 
 from __future__ import annotations
@@ -17,8 +21,12 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +39,7 @@ import yaml  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
 from .config import member_name, repo_root  # noqa: E402
+from .errors import MissingLoggedMemberError  # noqa: E402
 
 DEFAULT_EXPERIMENT = "mmrecall"
 # This experiment is model training (its runs and charts), not GenAI development (traces); MLflow 3 reads the kind
@@ -84,6 +93,16 @@ def _experiment_exists(experiment_id: str) -> bool:
         return False
 
 
+def _create_experiment(name: str) -> str:
+    try:
+        return mlflow.create_experiment(name, tags=EXPERIMENT_TAGS)
+    except MlflowException:  # created meanwhile by another client of the same tracking server
+        found = mlflow.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
 def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
     """Point MLflow at the project store and create the experiment once; return its id."""
     uri = tracking_uri()
@@ -94,7 +113,7 @@ def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
         env_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
         chosen = mlflow.get_experiment(env_id) if env_id and _experiment_exists(env_id) else None
         found = chosen or mlflow.get_experiment_by_name(experiment)
-        exp_id = found.experiment_id if found else mlflow.create_experiment(experiment, tags=EXPERIMENT_TAGS)
+        exp_id = found.experiment_id if found else _create_experiment(experiment)
         if found and any(k not in found.tags for k in EXPERIMENT_TAGS):
             for key, value in EXPERIMENT_TAGS.items():  # made by `mlflow run`, or before the tag: set it once
                 mlflow.MlflowClient().set_experiment_tag(exp_id, key, value)
@@ -295,3 +314,133 @@ def promote_if_better(client, name: str, alias: str, new_version: str, score: fl
            f"{score:.6f} {'>' if moved else '<='} v{current[0]}'s {current[1]:.6f}")
     client.set_model_version_tag(name, new_version, "champion_decision", f"{'promoted' if moved else 'not promoted'}: {why}")
     return decision
+
+
+# --- shipping code and models --------------------------------------------------------------------------
+
+PACKAGE_DIR = Path(__file__).parent
+REQUIREMENTS = ("torch", "transformers", "lightning", "lightgbm", "faiss-cpu", "numpy", "pandas", "pyarrow", "scipy",
+                "pyyaml", "tqdm", "mlflow")
+
+
+def pip_requirements() -> list[str]:
+    """Pinned to what is installed (explicit: MLflow's inference would load the model in a subprocess)."""
+    out = []
+    for name in REQUIREMENTS:
+        try:
+            out.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+def package_copy(dest: Path) -> Path:
+    """A copy of the mmrecall package (no caches): the `code_paths` of a logged pyfunc."""
+    code = dest / "mmrecall"
+    shutil.copytree(PACKAGE_DIR, code, ignore=shutil.ignore_patterns("__pycache__"))
+    return code
+
+
+# --- members as logged models ----------------------------------------------------------------------------
+
+MEMBER_MODEL_TYPE = "mmrecall-member"
+CHECKPOINT_FILE = "model.pt"  # inside the logged model: artifacts/model.pt
+
+
+@dataclass
+class LoggedMember:
+    """Where a member lives in the tracking store: its training run and its logged model."""
+
+    member: str
+    run_id: str
+    model_id: str
+
+    def ids(self) -> dict[str, str]:
+        return {"run_id": self.run_id, "model_id": self.model_id}
+
+
+def member_tags(member: str) -> dict[str, str]:
+    """A member's logged-model tags: its name and the data it was trained on (to filter the Models view by)."""
+    return {"member": member, "data_md5": data_hash() or "unknown"}
+
+
+def _store() -> str:
+    return redact(mlflow.get_tracking_uri())
+
+
+def _member_model_of(member: str, run_id: str) -> str:
+    """The logged model a member run produced (the newest, if several)."""
+    run = mlflow.MlflowClient().get_run(run_id)
+    outputs = run.outputs.model_outputs if run.outputs else []
+    if not outputs:
+        raise MissingLoggedMemberError(
+            f"member {member}: its run {run_id} has no logged model (no logged checkpoint) in {_store()}; "
+            "retrain it with this version of mmrecall")
+    return outputs[-1].model_id
+
+
+def find_member(member: str, experiment: str = DEFAULT_EXPERIMENT, recorded: Mapping[str, str] | None = None) -> LoggedMember:
+    """A member's run and logged model in the tracking store.
+
+    `recorded`: the ids its training wrote into metrics/train/<member>.json (run_id, model_id), if any;
+    without them, the newest finished member run of that name on the same data (data.dvc hash).
+    """
+    exp_id = setup(experiment)
+    client = mlflow.MlflowClient()
+    if recorded and recorded.get("model_id"):
+        run_id, model_id = recorded.get("run_id", "unknown"), recorded["model_id"]
+        try:
+            client.get_logged_model(model_id)
+        except MlflowException as e:
+            raise MissingLoggedMemberError(
+                f"member {member}: its logged model {model_id} (run {run_id}, recorded in metrics/train/{member}.json) "
+                f"is not in {_store()}") from e
+        return LoggedMember(member, run_id, model_id)
+    data = data_hash() or "unknown"
+    runs = mlflow.search_runs(
+        experiment_ids=[exp_id],
+        filter_string=(f"tags.mlflow.runName = '{member}' and tags.kind = 'member' and tags.data_md5 = '{data}' "
+                       "and attributes.status = 'FINISHED'"),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    if not runs:
+        raise MissingLoggedMemberError(
+            f"member {member}: no finished run {member!r} on this data (data_md5 {data}) in experiment {experiment!r} "
+            f"of {_store()}; train it against this tracking store (mmrecall train)")
+    run_id = runs[0].info.run_id
+    return LoggedMember(member, run_id, _member_model_of(member, run_id))
+
+
+def log_member_model(member: str, code: Path, artifacts: Mapping[str, str], signature, params: Mapping[str, Any],
+                     model_config: Mapping[str, Any]) -> str:
+    """Log the active member run's checkpoint as a logged model (a pyfunc, models-from-code `code` with the
+    mmrecall package), named after the member and tagged to be found again; returns its model id."""
+    with tempfile.TemporaryDirectory(prefix="mmrecall-member-") as tmp:
+        info = mlflow.pyfunc.log_model(
+            name=member,
+            python_model=str(code),
+            artifacts=dict(artifacts),
+            code_paths=[str(package_copy(Path(tmp)))],
+            signature=signature,
+            pip_requirements=pip_requirements(),
+            model_config=dict(model_config),
+            params={k: "" if v is None else str(v)[:6000] for k, v in params.items()},
+            tags=member_tags(member),
+            model_type=MEMBER_MODEL_TYPE,
+        )
+    return info.model_id
+
+
+def download_checkpoint(found: LoggedMember, dest: Path) -> Path:
+    """The member's model.pt from its logged model, into folder `dest`."""
+    model = mlflow.MlflowClient().get_logged_model(found.model_id)
+    uri = f"{model.artifact_location.rstrip('/')}/artifacts/{CHECKPOINT_FILE}"
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+    except (MlflowException, OSError) as e:
+        raise MissingLoggedMemberError(
+            f"member {found.member}: the checkpoint of its logged model {found.model_id} (run {found.run_id}) "
+            f"is missing from {_store()} ({' '.join(str(e).split())[:300]})") from e

@@ -138,9 +138,16 @@ def write_submission(rankings: Mapping[int, list[int]], path: str | Path, querie
 def write_metrics(metrics_dir: str | Path, name: str, report: Mapping) -> Path:
     """Write a stage's DVC metrics file `<metrics_dir>/<name>.json` (name may hold a subfolder).
 
-    The MLflow run id is left out: it changes on every run and would make `dvc metrics diff` noisy.
+    The bare MLflow run id is left out: it changes on every run and would make `dvc metrics diff` noisy. A train
+    member's `logged_model` ids stay (they are what `mmrecall register` finds its checkpoint by).
     """
     path = Path(metrics_dir) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({k: v for k, v in report.items() if k != "mlflow_run_id"}, indent=2) + "\n")
     return path
+
+
+def read_metrics(metrics_dir: str | Path, name: str) -> dict:
+    """A stage's metrics file `<metrics_dir>/<name>.json` read back ({} when there is none)."""
+    path = Path(metrics_dir) / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}

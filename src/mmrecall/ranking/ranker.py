@@ -39,7 +39,8 @@ from .smoothing import smoothed_store
 INT_COLUMNS = ("product_id", "image_h", "image_w", "num_boxes", "query_id")
 MEMBER_PREFIX = "member."
 MODEL_CODE = Path(__file__).with_name("ranker_model.py")  # the registered model's code (MLflow models-from-code)
-SIGNATURE = ModelSignature(  # the registered model's input (the nine official columns) and output
+MEMBER_CODE = Path(__file__).with_name("member_model.py")  # a member's logged model's code
+SIGNATURE = ModelSignature(  # the registered model's (and a member's) input (the nine official columns) and output
     inputs=Schema([ColSpec("long" if c in INT_COLUMNS else "string", c) for c in COLUMNS]),
     outputs=Schema([ColSpec("double", "score")]),
 )

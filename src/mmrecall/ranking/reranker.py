@@ -168,8 +168,10 @@ def fit_variant(params: Params, stores: dict[str, FeatureStore], counts: pd.Seri
                    {s: outputs.score_table(st, preds[s]) for s, st in stores.items()}, importance)
 
 
-def save(variant: Variant, params: Params, counts: pd.Series, smoothing: bool, metrics: dict, folder: Path = MODEL_DIR) -> None:
-    """The chosen variant as files the registered model loads: boosters, PCA, counts, spec."""
+def save(variant: Variant, params: Params, counts: pd.Series, smoothing: bool, metrics: dict, folder: Path = MODEL_DIR,
+         run_id: str | None = None) -> None:
+    """The chosen variant as files the registered model loads: boosters, PCA, counts, spec (with `run_id`, the
+    rerank stage's MLflow run)."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
@@ -189,6 +191,7 @@ def save(variant: Variant, params: Params, counts: pd.Series, smoothing: bool, m
         "smooth": to_dict(params.smooth) | {"members": None},
         "box_cap": params.prepare.box_cap,
         "metrics": metrics,
+        "mlflow_run_id": run_id,
     }
     (folder / SPEC).write_text(json.dumps(spec, indent=2) + "\n")
 

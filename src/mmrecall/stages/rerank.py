@@ -62,11 +62,11 @@ def run(params: Params) -> dict:
     variant, smoothing = chosen
     key = outputs.knn("rerank", smoothing)
     honest = {"valid_oof": report[key]["valid"], **{s: v for s, v in report[key].items() if s in stores and s != "valid"}}
-    reranker.save(variant, params, counts, smoothing, honest)
     report["chosen"] = key
     report["seconds"] = round(time.perf_counter() - started, 1)
     with tracking.start_run("rerank", stage="rerank", params=flatten({"rerank": to_dict(params.rerank)}),
-                            experiment=params.tracking.experiment, tags={"model": "rerank"}):
+                            experiment=params.tracking.experiment, tags={"model": "rerank"}) as run:
+        reranker.save(variant, params, counts, smoothing, honest, run_id=run.info.run_id)  # register tags its run
         flat = {f"{METRIC}_{k}_{s}" + ("_pp" if m.endswith("_pp") else ""): v
                 for k in ("ensemble", "rerank") for s, vals in report[k].items() if isinstance(vals, dict) and s in stores
                 for m, v in vals.items()}

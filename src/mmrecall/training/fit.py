@@ -5,7 +5,7 @@
     seconds = train(setup, trainer)                           # valid NDCG@5 every eval_every steps
     best_step = load_best(setup, best)                        # the best checkpoint's weights back in the model
     report = write_member_outputs(setup, params, best_step)   # score tables, fused vectors, model.pt
-    result = log_member(setup, run, report, best_step, seconds)
+    result = log_member(setup, params, report, best_step, seconds)  # metrics + the logged model
 
 `fit_member` runs them all inside the member's MLflow run (what `mmrecall train` does); the tuning study
 runs the first three only.
@@ -20,8 +20,11 @@ runs the first three only.
   runs) when it was written with the same params and data.
 - Outputs: models/<model>/seed<k>/model.pt (ranking/members.py), outputs/<member>/ (ranking/outputs.py).
 - MLflow: run `<model>-seed<k>` nested under a parent run `<model>` that carries mean and std of NDCG@5
-  over the finished seeds; loss, lr and ndcg_at_5 as step series; model.pt as an artifact. Only global
-  rank 0 logs; the other DDP ranks train and return {}.
+  over the finished seeds; loss, lr and ndcg_at_5 as step series. model.pt is logged once, as the run's
+  logged model `<model>-seed<k>` (a pyfunc scoring a candidate table: ranking/member_model.py) with the
+  member's params and final NDCG@5 metrics, so the experiment's Models view lists the members and
+  `mmrecall register` can assemble them from any clone; the result (metrics/train/<member>.json) records
+  its `logged_model` ids. Only global rank 0 logs; the other DDP ranks train and return {}.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,11 +50,12 @@ from ..console import show_bars
 from ..data.batching import EvalBatches, TrainData
 from ..data.store import FeatureStore
 from ..errors import MissingInputError
-from ..models.backbone import load_tokenizer
+from ..models.backbone import backbone_path, load_tokenizer
 from ..models.registry import MODELS, build_model, model_config
 from ..ranking import members, outputs
 from ..ranking.evaluation import eval_stores, flat_metrics, model_report
 from ..ranking.metrics import METRIC
+from ..ranking.ranker import MEMBER_CODE, SIGNATURE
 from .module import MemberDataModule, StopAfter, TrainingModule
 
 log = logging.getLogger(__name__)
@@ -192,16 +197,29 @@ def write_member_outputs(setup: TrainSetup, params: Params, best_step: int) -> d
     return model_report(tables, params, setup.stores)
 
 
-def log_member(setup: TrainSetup, report: dict, best_step: int, seconds: float) -> dict:
-    """Log the member's final metrics and checkpoint to its (active) MLflow run; returns the member's result."""
+def log_checkpoint(member: str, backbone: str, box_cap: int, run_params: dict) -> str:
+    """models/<model>/seed<k>/model.pt as the logged model of the active member run; returns its id."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mmrecall-backbone-") as tmp:
+        artifacts = {"checkpoint": str(members.checkpoint_path(member)),
+                     "backbone": str(members.copy_tokenizer_files(backbone_path(backbone), Path(tmp)))}
+        model_id = tracking.log_member_model(member, MEMBER_CODE, artifacts, SIGNATURE, run_params, {"box_cap": box_cap})
+    log.info("%s: logged model %s in %.1f s", member, model_id, time.perf_counter() - t0)
+    return model_id
+
+
+def log_member(setup: TrainSetup, params: Params, report: dict, best_step: int, seconds: float) -> dict:
+    """Log the member's checkpoint as a logged model of its (active) MLflow run, and its final metrics to both;
+    returns the member's result, with the run and logged-model ids under `logged_model`."""
     samples_per_s = setup.module.samples_seen / max(seconds, 1e-9)
+    model_id = log_checkpoint(setup.member, setup.config.backbone, params.prepare.box_cap, setup.run_params)
     metrics = flat_metrics(report)
-    mlflow.log_metrics({f"best_{k}" if k == METRIC else k: v for k, v in metrics.items()})
+    mlflow.log_metrics({f"best_{k}" if k == METRIC else k: v for k, v in metrics.items()}, model_id=model_id)
     mlflow.log_metrics({"best_step": best_step, "train_seconds": seconds, "samples_per_s": samples_per_s})
-    mlflow.log_artifact(str(members.checkpoint_path(setup.member)), artifact_path="checkpoint")
+    run_id = mlflow.active_run().info.run_id
     return {**report, "best_step": best_step, "steps": setup.train.steps, "steps_run": setup.module.global_step,
-            "train_seconds": round(seconds, 1),
-            "samples_per_s": round(samples_per_s, 1), "mlflow_run_id": mlflow.active_run().info.run_id}
+            "train_seconds": round(seconds, 1), "samples_per_s": round(samples_per_s, 1), "mlflow_run_id": run_id,
+            "logged_model": {"run_id": run_id, "model_id": model_id}}
 
 
 def is_global_rank_zero() -> bool:
@@ -232,7 +250,7 @@ def fit_member(name: str, seed: int, params: Params, progress: bool = True, stop
             return {}
         best_step = load_best(setup, best)
         report = write_member_outputs(setup, params, best_step)
-        result = log_member(setup, report, best_step, seconds)
+        result = log_member(setup, params, report, best_step, seconds)
     tracking.update_parent(parent_id, METRIC)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: nothing to resume
     return result
