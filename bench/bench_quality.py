@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from mmrecall.config import load_params, member_names  # noqa: E402
 from mmrecall.data.synth import WORLDS  # noqa: E402
 
 METRIC = "ndcg_at_5"
@@ -74,8 +75,9 @@ def collect(world: str, clone: Path, times: dict) -> dict:
     wordproto = _load(metrics / "wordproto.json")
     row["wordproto"] = {s: wordproto[s] for s in ("valid", "testA")}
     by_model: dict[str, list[dict]] = {}
-    for f in sorted((metrics / "train").glob("*.json")):
-        by_model.setdefault(f.stem.rsplit("-seed", 1)[0], []).append(_load(f))
+    params = load_params(clone / "params.yaml")
+    for member in member_names(params, None):  # the members of this params (metrics/train may hold older ones)
+        by_model.setdefault(member.rsplit("-seed", 1)[0], []).append(_load(metrics / "train" / f"{member}.json"))
     row["members"] = {}
     for model, runs in by_model.items():
         entry = {"seeds": len(runs), "best_step": [r["best_step"] for r in runs], "steps": runs[0]["steps"]}

@@ -22,7 +22,7 @@ from mmrecall.models.image_input import NEG_INF, mask_value, masked_softmax
 from mmrecall.models.mcan import MCAN, AttFlat, MCANConfig, MultiHeadAttention
 from mmrecall.ranking import members
 from mmrecall.ranking.members import copy_tokenizer_files
-from mmrecall.stages import prepare
+from mmrecall.stages import pools, prepare
 from mmrecall.training import fit
 
 # -- masking in half precision ------------------------------------------------------------------------------
@@ -91,6 +91,7 @@ def prepared(micro_data, tmp_path_factory):
     try:
         for split in ("train", "valid"):
             prepare.main(["--split", split, "--no-progress"])
+        pools.main([])
     finally:
         os.chdir(here)
     return root

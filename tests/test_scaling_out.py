@@ -28,7 +28,7 @@ import yaml
 
 from mmrecall import cli
 from mmrecall.ranking.ranker import read_candidates
-from mmrecall.stages import prepare
+from mmrecall.stages import pools, prepare
 
 from .conftest import ROOT
 from .test_train import TINY
@@ -106,6 +106,7 @@ def origin(tmp_path, micro_data, monkeypatch) -> Path:
     monkeypatch.chdir(repo)
     for split in ("train", "valid", "testA"):
         prepare.main(["--split", split, "--no-progress"])
+    pools.main([])
     return repo
 
 
@@ -119,9 +120,9 @@ def git_env(tracking_uri: str | None = None) -> dict:
 
 
 def clone(origin: Path, dest: Path) -> Path:
-    """`git clone` + what `dvc pull` would bring (the data and the prepared features)."""
+    """`git clone` + what `dvc pull` would bring (the data, the prepared features and the pools)."""
     sh("git", "clone", "-q", str(origin), str(dest), cwd=origin.parent, env=git_env())
-    for folder in ("data", "features"):
+    for folder in ("data", "features", "pools"):
         shutil.copytree(origin / folder, dest / folder)
     return dest
 
