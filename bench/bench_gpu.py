@@ -12,7 +12,9 @@ image, mean ~4 like the real data). `--steps` optimizer steps through the projec
 loss and optimizer) in the real Lightning Trainer on one device; the first 10 % are warm-up and not timed.
 Reported: training samples/s (a sample = one (query, image) pair scored: two per triple for MCAN and
 VisualBERT, one per row for the two-tower), peak GPU memory (torch.cuda.max_memory_allocated) of the
-training, and scoring pairs/s (no gradients, autocast, the eval batch size members.py scores with).
+training, scoring pairs/s (no gradients, autocast, the eval batch size members.py scores with), and how
+far the autocast scores of 256 pairs are from a float32 forward (largest difference in logit standard
+deviations; share of 30-row groups with the same top 5).
 Without a GPU it runs on the CPU (16-mixed is skipped there: Lightning supports it on GPUs only).
 """
 
@@ -154,6 +156,7 @@ def run_one(name: str, precision: str, steps: int, params, accelerator: str, sco
     if cuda:
         torch.cuda.synchronize()
     score_seconds = time.perf_counter() - started
+    agreement = score_agreement(model, batches[0], device, precision)
     return {
         "model": name,
         "precision": precision,
@@ -166,7 +169,26 @@ def run_one(name: str, precision: str, steps: int, params, accelerator: str, sco
         "peak_gpu_gib": round(peak, 2) if peak is not None else None,
         "score_batch": rows,
         "score_pairs_per_s": round(rows * score_batches / score_seconds, 1),
+        **agreement,
     }
+
+
+def score_agreement(model, batch: dict, device, precision: str, rows: int = 256) -> dict:
+    """How far the autocast scores of `rows` pairs are from a float32 forward on the same device: the largest
+    difference in units of the logits' spread, and the share of 30-row groups whose top 5 is the same set."""
+    import torch
+
+    from mmrecall.ranking import members
+
+    batch = {k: v[:rows].to(device) for k, v in batch.items()}
+    with torch.no_grad():
+        exact = model(batch).logits.float().cpu()
+        with members.autocast(device, precision):
+            mixed = model(batch).logits.float().cpu()
+    groups = [(exact[i:i + 30], mixed[i:i + 30]) for i in range(0, len(exact) - 29, 30)]
+    same_top5 = [set(e.topk(5).indices.tolist()) == set(m.topk(5).indices.tolist()) for e, m in groups]
+    return {"score_max_diff_in_sd": round(float((exact - mixed).abs().max() / exact.std().clamp_min(1e-12)), 4),
+            "score_same_top5": round(sum(same_top5) / len(same_top5), 3) if same_top5 else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,14 +223,16 @@ def main(argv: list[str] | None = None) -> int:
             if accelerator == "gpu":
                 torch.cuda.empty_cache()
 
-    print("| model | precision | params (M) | batch | boxes | train samples/s | peak GPU (GiB) | score pairs/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | precision | params (M) | batch | boxes | train samples/s | peak GPU (GiB) | score pairs/s "
+          "| autocast vs fp32: max diff (sd) | same top 5 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         if "skipped" in r:
-            print(f"| {r['model']} | {r['precision']} | {r['skipped']} | | | | | |")
+            print(f"| {r['model']} | {r['precision']} | {r['skipped']} | | | | | | | |")
         else:
             print(f"| {r['model']} | {r['precision']} | {r['params_m']} | {r['batch_size']} | {r['max_boxes']} | "
-                  f"{r['samples_per_s']} | {r['peak_gpu_gib']} | {r['score_pairs_per_s']} |")
+                  f"{r['samples_per_s']} | {r['peak_gpu_gib']} | {r['score_pairs_per_s']} "
+                  f"| {r['score_max_diff_in_sd']} | {r['score_same_top5']} |")
     shutil.rmtree(tmp, ignore_errors=True)
     if args.out:
         device = torch.cuda.get_device_name() if accelerator == "gpu" else platform.processor() or platform.machine()

@@ -160,6 +160,18 @@ def test_image_input_layout():
     torch.testing.assert_close(out[..., 2054:], layer.label_embedding.weight[label])
 
 
+def test_image_input_without_labels_has_no_zero_width_embedding():
+    """label_dim 0 (the faithful VisualBERT): the 2048 + 6 row, and no (33, 0) embedding whose backward
+    crashed on a CUDA device."""
+    layer = ImageInput(label_dim=0)
+    feat, box, label = torch.randn(2, 4, 2048, requires_grad=True), torch.rand(2, 4, 6), torch.randint(0, 33, (2, 4))
+    out = layer(feat, box, label)
+    assert out.shape == (2, 4, 2054) == (2, 4, layer.out_dim)
+    assert layer.label_embedding is None and not list(layer.parameters())
+    out.sum().backward()
+    assert feat.grad is not None
+
+
 def test_mcan_layernorm_matches_formula():
     torch.manual_seed(0)
     ln = LayerNorm(8)

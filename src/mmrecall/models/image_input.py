@@ -67,17 +67,25 @@ def feature_norm(enabled: bool) -> nn.Module:
 
 
 class ImageInput(nn.Module):
-    """Per-box input row [2048 feature | 6 box | trainable class-label embedding] (2048 + 6 + 32 = 2086)."""
+    """Per-box input row [2048 feature | 6 box | trainable class-label embedding] (2048 + 6 + 32 = 2086).
+
+    label_dim 0 leaves the label out (the original VisualBERT's 2048 + 6 row). No zero-width embedding is
+    built then: its backward pass on a CUDA device crashed the faithful VisualBERT run on an H200
+    ("illegal memory access"), while the CPU accepts it.
+    """
 
     def __init__(self, label_dim: int = 32, num_labels: int = NUM_LABELS, normalize: bool = False):
         super().__init__()
-        self.label_embedding = nn.Embedding(num_labels, label_dim)
+        self.label_embedding = nn.Embedding(num_labels, label_dim) if label_dim > 0 else None
         self.feature_norm = feature_norm(normalize)
 
     @property
     def out_dim(self) -> int:
-        return FEAT_DIM + BOX_DIM + self.label_embedding.embedding_dim
+        return FEAT_DIM + BOX_DIM + (self.label_embedding.embedding_dim if self.label_embedding is not None else 0)
 
     def forward(self, img_feat: Tensor, img_box: Tensor, img_label: Tensor) -> Tensor:
-        # img_feat (B, N, 2048), img_box (B, N, 6), img_label (B, N) -> (B, N, 2086)
-        return torch.cat([self.feature_norm(img_feat), img_box, self.label_embedding(img_label)], dim=-1)
+        # img_feat (B, N, 2048), img_box (B, N, 6), img_label (B, N) -> (B, N, 2054 + label_dim)
+        parts = [self.feature_norm(img_feat), img_box]
+        if self.label_embedding is not None:
+            parts.append(self.label_embedding(img_label))
+        return torch.cat(parts, dim=-1)
