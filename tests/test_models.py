@@ -122,6 +122,31 @@ def test_padding_invariance(name, tokenizer):
         assert not torch.allclose(model(padded_batch).logits, ref.logits, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["mcan", "two_tower", "two_tower-softmax"])
+def test_scoring_encodes_each_query_once(name, tokenizer):
+    """In eval mode rows that share a query share one text encoding, and score as if encoded one by one."""
+    model = build(name)
+    batch = make_batch(tokenizer)
+    B = len(QUERIES)
+    repeated = {k: torch.cat([v, v.flip(0), v]) for k, v in batch.items()}  # every query 3 times, 3B rows
+    repeated["img_feat"] = repeated["img_feat"] + torch.rand_like(repeated["img_feat"]) * repeated["img_mask"][..., None]
+    text_module = model.embeddings if name == "mcan" else model.text_tower.embeddings
+    seen = []
+    hook = text_module.register_forward_hook(lambda mod, args, out: seen.append(len(out)))  # rows embedded
+    with torch.no_grad():
+        together = model(repeated)
+        hook.remove()
+        alone = torch.cat([model({k: v[i : i + 1] for k, v in repeated.items()}).logits for i in range(3 * B)])
+    assert seen == [B]  # the text side ran once, on the B distinct queries
+    torch.testing.assert_close(together.logits, alone, atol=1e-5, rtol=0)
+    model.train()  # training encodes every row (its batches hold distinct queries; its numbers stay as they were)
+    seen.clear()
+    hook = text_module.register_forward_hook(lambda mod, args, out: seen.append(len(out)))
+    model(repeated)
+    hook.remove()
+    assert seen == [3 * B]
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_score_depends_on_text_and_image(name, tokenizer):
     model = build(name)

@@ -33,6 +33,25 @@ from mmrecall.training.fit import log_checkpoint
 # --- smoothing ---------------------------------------------------------------------------------------
 
 
+def test_per_query_features_match_pandas_group_by():
+    """The numpy per-query rank / z-score / gap equal pandas' group-by (ties share their average rank)."""
+    from mmrecall.ranking.features import per_query
+
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 9, 200) * 11 + 5  # unsorted ids, groups of different sizes
+    groups[:1] = 1000  # a query with one candidate
+    values = np.round(rng.normal(size=200), 1)  # many ties
+    got = per_query(values, groups)
+    frame = pd.DataFrame({"g": groups, "v": values})
+    grp = frame.groupby("g").v
+    size = grp.transform("size").to_numpy()
+    np.testing.assert_allclose(got["rank"], (grp.rank(ascending=False).to_numpy() - 1) / np.maximum(size - 1, 1))
+    np.testing.assert_allclose(got["z"], ((frame.v - grp.transform("mean")) / (grp.transform("std").fillna(0) + 1e-6)),
+                               rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(got["gap"], frame.v - grp.transform("max"))
+    assert got["rank"][0] == 0.0 and got["z"][0] == 0.0 and got["gap"][0] == 0.0
+
+
 def test_smooth_pool_hand_computed():
     x = np.array([[0, 0], [1, 0], [3, 0], [10, 0]], np.float32)
     # box 0: nearest others 1 (d=1), 2 (d=3) -> 0.7*0 + 0.2*1 + 0.1*3 = 0.5

@@ -66,6 +66,22 @@ def feature_norm(enabled: bool) -> nn.Module:
     return nn.LayerNorm(FEAT_DIM) if enabled else nn.Identity()
 
 
+def once_per_query(encode, input_ids: Tensor, attention_mask: Tensor):
+    """encode(input_ids, attention_mask) run on each distinct query of the batch once, expanded back to B rows.
+
+    A scoring batch holds ~30 candidates per query, all with the same tokens: encoding the text once
+    per query instead of once per row is most of a text tower's cost. `encode` returns a tensor or a
+    tuple of tensors, each with the batch first.
+    """
+    key = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1)  # (B, 2T)
+    distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
+    if len(distinct) == len(key):
+        return encode(input_ids, attention_mask)
+    first = torch.zeros(len(distinct), dtype=torch.long).scatter_(0, inverse, torch.arange(len(key)))  # a row of each
+    out = encode(input_ids[first], attention_mask[first])
+    return tuple(x[inverse] for x in out) if isinstance(out, tuple) else out[inverse]
+
+
 class ImageInput(nn.Module):
     """Per-box input row [2048 feature | 6 box | trainable class-label embedding] (2048 + 6 + 32 = 2086).
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from .backbone import SHIPPED, load_pretrained_encoder
-from .image_input import NUM_LABELS, ImageInput, RankerOutput, masked_softmax, on_real_boxes
+from .image_input import NUM_LABELS, ImageInput, RankerOutput, masked_softmax, on_real_boxes, once_per_query
 
 
 @dataclass
@@ -132,14 +132,21 @@ class MCAEncoderDecoder(nn.Module):
         self.encoder = nn.ModuleList(SelfAttention(cfg) for _ in range(cfg.layers))
         self.decoder = nn.ModuleList(GuidedAttention(cfg) for _ in range(cfg.layers))
 
+    def encode(self, lang: Tensor, lang_mask: Tensor) -> Tensor:
+        for block in self.encoder:
+            lang = block(lang, lang_mask)
+        return lang
+
+    def decode(self, img: Tensor, lang: Tensor, img_mask: Tensor, lang_mask: Tensor) -> Tensor:
+        for block in self.decoder:
+            img = block(img, lang, img_mask, lang_mask)
+        return img
+
     def forward(
         self, lang: Tensor, img: Tensor, lang_mask: Tensor, img_mask: Tensor
     ) -> tuple[Tensor, Tensor]:
-        for block in self.encoder:
-            lang = block(lang, lang_mask)
-        for block in self.decoder:
-            img = block(img, lang, img_mask, lang_mask)
-        return lang, img
+        lang = self.encode(lang, lang_mask)
+        return lang, self.decode(img, lang, img_mask, lang_mask)
 
 
 class AttFlat(nn.Module):
@@ -190,12 +197,23 @@ class MCAN(nn.Module):
     def pretrained_parameters(self) -> list[nn.Parameter]:
         return list(self.embeddings.parameters())
 
+    def encode_lang(self, input_ids: Tensor, lang_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The text side, which never sees the image: encoder output (B, T, H) and its AttFlat (B, flat_out)."""
+        lang_mask = lang_mask.bool()
+        lang = self.mca.encode(self.lang_proj(self.embeddings(input_ids=input_ids)), lang_mask)  # (B, T, H)
+        return lang, self.lang_flat(lang, lang_mask)
+
     def forward(self, batch: dict[str, Tensor]) -> RankerOutput:
         lang_mask, img_mask = batch["attention_mask"].bool(), batch["img_mask"].bool()
-        lang = self.lang_proj(self.embeddings(input_ids=batch["input_ids"]))  # (B, T, H)
         img = self.image_input(batch["img_feat"], batch["img_box"], batch["img_label"])  # (B, N, 2086)
         img = on_real_boxes(self.img_proj, img, img_mask)  # (B, N, H)
-        lang, img = self.mca(lang, img, lang_mask, img_mask)
-        t, v = self.lang_flat(lang, lang_mask), self.img_flat(img, img_mask)  # (B, flat_out) each
+        if self.training:  # (the order of the random draws and gradient sums as it always was)
+            lang = self.lang_proj(self.embeddings(input_ids=batch["input_ids"]))  # (B, T, H)
+            lang, img = self.mca(lang, img, lang_mask, img_mask)
+            t = self.lang_flat(lang, lang_mask)  # (B, flat_out)
+        else:  # scoring: ~30 candidates share each query, whose text is encoded once
+            lang, t = once_per_query(self.encode_lang, batch["input_ids"], lang_mask)
+            img = self.mca.decode(img, lang, img_mask, lang_mask)
+        v = self.img_flat(img, img_mask)  # (B, flat_out)
         z = torch.cat([norm(f) for norm, f in zip(self.fuse_norms, (t, v, t * v, (t - v).abs()))], dim=-1)
         return RankerOutput(logits=self.classifier(z).squeeze(-1), fused=z)

@@ -26,7 +26,7 @@ from .backbone import (
     load_backbone_config,
     load_pretrained_encoder,
 )
-from .image_input import FEAT_DIM, RankerOutput, feature_norm, on_real_boxes
+from .image_input import FEAT_DIM, RankerOutput, feature_norm, on_real_boxes, once_per_query
 
 
 @dataclass
@@ -113,8 +113,12 @@ class TwoTower(nn.Module):
         return list(self.text_tower.parameters()) if self.cfg.init_text_from_backbone else []
 
     def encode_text(self, batch: dict[str, Tensor]) -> Tensor:
-        out = self.text_tower(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long())
-        return out.pooler_output  # (B, H)
+        def encode(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+            return self.text_tower(input_ids=input_ids, attention_mask=attention_mask.long()).pooler_output  # (B, H)
+
+        if self.training:  # in-batch rows are distinct queries; training stays exactly as it was
+            return encode(batch["input_ids"], batch["attention_mask"])
+        return once_per_query(encode, batch["input_ids"], batch["attention_mask"])
 
     def encode_image(self, batch: dict[str, Tensor]) -> Tensor:
         x = on_real_boxes(lambda roi: self.roi_norm(self.roi_proj(self.feature_norm(roi))), batch["img_feat"], batch["img_mask"])  # (B, N, H)

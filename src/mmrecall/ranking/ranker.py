@@ -122,4 +122,5 @@ class Ranker:
         X, ensemble = build_features(store, outputs, self.feature_spec, counts)
         if kind == "ensemble":
             return ensemble
-        return np.mean([b.predict(X) for b in self.boosters], axis=0)
+        values = X.to_numpy()  # once, not a DataFrame check per booster
+        return np.mean([b.predict(values) for b in self.boosters], axis=0)
