@@ -28,10 +28,11 @@ NUM_LABELS = 33
 CHUNK_VALUES = 1 << 22  # values of fused vectors read at a time by the PCA (16 MB as float32)
 
 
-def _group_codes(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(code per row, rows per code): the distinct query ids numbered 0..G-1."""
+def _group_codes(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(code per row, rows per code, first position of each code once rows are sorted by code): the
+    distinct query ids numbered 0..G-1."""
     _, codes, sizes = np.unique(groups, return_inverse=True, return_counts=True)
-    return codes.reshape(-1), sizes
+    return codes.reshape(-1), sizes, np.concatenate([[0], np.cumsum(sizes)[:-1]])
 
 
 def per_query(values: np.ndarray, groups: np.ndarray) -> dict[str, np.ndarray]:
@@ -41,12 +42,9 @@ def per_query(values: np.ndarray, groups: np.ndarray) -> dict[str, np.ndarray]:
     numpy throughout: a served request is one query, where pandas' group-by machinery cost ~15 ms.
     """
     v = np.asarray(values, np.float64)
-    codes, sizes = _group_codes(groups)
+    codes, sizes, starts = _group_codes(groups)
     size = sizes[codes].astype(np.float64)
     order = np.lexsort((-v, codes))  # by query, best first
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    position = np.empty(len(v))
-    position[order] = np.arange(len(v)) - starts[codes[order]]  # 0-based place within the query
     sv, sc = v[order], codes[order]
     tie = np.cumsum(np.concatenate([[True], (sc[1:] != sc[:-1]) | (sv[1:] != sv[:-1])])) - 1  # block of equal values
     mean_place = np.bincount(tie, weights=np.arange(len(v)) - starts[sc]) / np.bincount(tie)
@@ -82,9 +80,8 @@ def candidate_features(store: FeatureStore, counts: pd.Series) -> dict[str, np.n
         hist_rows = np.zeros((0, NUM_LABELS))
         area_max = area_mean = aspect_mean = np.zeros(0)
     count = rows.product_id.map(counts).fillna(1).to_numpy(np.float64)
-    codes, sizes = _group_codes(rows.query_id.to_numpy())
+    codes, sizes, starts = _group_codes(rows.query_id.to_numpy())
     order = np.lexsort((count, codes))  # by query, smallest count first
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     count_min = count[order][starts][codes]
     # The frequency filter's threshold (the 1st place's post-processing): the 5th smallest count of the query.
     count_kth = count[order][starts + np.minimum(K, sizes) - 1][codes]
