@@ -8,6 +8,9 @@ requests, then `--requests` requests one after the other, each one whole testA q
 in the official columns, as `dataframe_split` JSON), cycling over the queries. Reports p50 / p90 / p99 latency
 (client side: request sent to answer read) and queries/s, and checks that a request with a malformed row gets
 HTTP 400 naming the row. Results: a markdown line on stdout and bench/results/serve.json.
+
+`--floor` serves a pyfunc that only answers zeros (no decoding, no model) to the same requests instead:
+what `mlflow models serve` itself costs for a 30-candidate body, a floor under any ranker's latency.
 """
 
 from __future__ import annotations
@@ -60,6 +63,27 @@ def query_bodies(tsv: Path) -> list[bytes]:
             for _, group in table.groupby("query_id", sort=False)]
 
 
+def save_floor_model(path: Path, body: bytes) -> str:
+    """A pyfunc that reads nothing and answers one 0.0 per row: the server's own cost, with no ranker.
+
+    Its signature is inferred from a request (`body`), so the server parses and checks the columns as it
+    does for the ranker's.
+    """
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    split = json.loads(body)["dataframe_split"]
+    frame = pd.DataFrame(split["data"], columns=split["columns"])
+
+    class Zeros(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            return np.zeros(len(model_input))
+
+    mlflow.pyfunc.save_model(str(path), python_model=Zeros(), signature=infer_signature(frame, np.zeros(len(frame))))
+    return str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-uri", default="models:/mmrecall-ranker@champion")
@@ -67,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--floor", action="store_true",
+                        help="serve a model that answers zeros instead of --model-uri (the server's own cost)")
     args = parser.parse_args(argv)
 
     from mmrecall import tracking
@@ -74,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     bodies = query_bodies(args.candidates)
+    if args.floor:
+        import tempfile
+
+        args.model_uri = save_floor_model(Path(tempfile.mkdtemp(prefix="mmrecall-floor-")) / "model", bodies[0])
     port = free_port()
     server = subprocess.Popen(["mlflow", "models", "serve", "-m", args.model_uri, "-p", str(port), "-h", "127.0.0.1",
                                "--env-manager", "local"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -123,12 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.machine(),
     }
     Path(args.results).mkdir(parents=True, exist_ok=True)
-    (Path(args.results) / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
+    (Path(args.results) / ("serve_floor.json" if args.floor else "serve.json")).write_text(json.dumps(result, indent=2) + "\n")
     print("| requests | candidates/request | p50 ms | p90 ms | p99 ms | queries/s | bad row |")
     print("|---|---|---|---|---|---|---|")
     print(f"| {result['requests']} | {result['candidates_per_request']} | {result['p50_ms']} | {result['p90_ms']} | "
           f"{result['p99_ms']} | {result['queries_per_s']} | HTTP {bad_status} |")
-    if bad_status != 400 or "candidate table row 2" not in result["bad_row_message"]:
+    if not args.floor and (bad_status != 400 or "candidate table row 2" not in result["bad_row_message"]):
         print(f"bad row: expected HTTP 400 naming row 2, got {bad_status}: {result['bad_row_message']}", file=sys.stderr)
         return 1
     return 0
