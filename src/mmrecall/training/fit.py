@@ -36,6 +36,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,10 +171,18 @@ def build_trainer(setup: TrainSetup, ckpt_dir: Path, progress: bool = True, call
     return trainer, best
 
 
+# Warnings Lightning repeats at every evaluation period that say nothing about the run: torch's pytree
+# deprecation raised inside Lightning's own code, and a note on multi-worker loading (batches are built in-process).
+REPEATED_WARNINGS = (r".*isinstance\(treespec, LeafSpec\)", r"Your `IterableDataset` has `__len__` defined")
+
+
 def train(setup: TrainSetup, trainer: L.Trainer, resume_from: Path | None = None) -> float:
     """Run the training (from `resume_from`, a last.ckpt, if given); returns the wall time in seconds."""
     started = time.perf_counter()
-    trainer.fit(setup.module, datamodule=setup.datamodule, ckpt_path=str(resume_from) if resume_from else None)
+    with warnings.catch_warnings():
+        for message in REPEATED_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        trainer.fit(setup.module, datamodule=setup.datamodule, ckpt_path=str(resume_from) if resume_from else None)
     return time.perf_counter() - started
 
 
