@@ -22,6 +22,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -101,8 +102,6 @@ def main(argv: list[str] | None = None) -> int:
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     bodies = query_bodies(args.candidates)
     if args.floor:
-        import tempfile
-
         args.model_uri = save_floor_model(Path(tempfile.mkdtemp(prefix="mmrecall-floor-")) / "model", bodies[0])
     port = free_port()
     server = subprocess.Popen(["mlflow", "models", "serve", "-m", args.model_uri, "-p", str(port), "-h", "127.0.0.1",
