@@ -65,7 +65,7 @@ ORIGINAL = {
 }
 ORIGINAL_SIZES = {
     "mcan": dict(backbone="roberta-large", hidden=1024, heads=16, ff=4096, layers=12, dropout=0.1, flat_mlp=512,
-                 flat_out=2048, img_mlp=None, label_dim=32, feature_norm=False, train_word_embeddings=True),
+                 flat_out=2048, img_mlp=None, label_dim=32, feature_norm=False, train_word_embeddings=True, token_match=False),
     "visualbert": dict(backbone="bert-large-uncased", backbone_layers=24, pool="cls", label_dim=0, feature_norm=False,
                        train_word_embeddings=True),  # all 24 layers; 2048 + 6 per box, no label embedding
     "two_tower": dict(hidden=768, heads=12, ff=3072, layers=4, init_text_from_backbone=False, loss="bce",

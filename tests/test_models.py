@@ -17,7 +17,7 @@ from mmrecall.models.visualbert import VisualBERT, VisualBERTConfig
 
 # The original architectures (the defaults are the CPU ones): what these tests were written against.
 ORIGINAL_MCAN = dict(hidden=1024, heads=16, ff=4096, layers=12, dropout=0.1, flat_mlp=512, flat_out=2048,
-                     feature_norm=False, img_mlp=None, train_word_embeddings=True)
+                     feature_norm=False, img_mlp=None, train_word_embeddings=True, token_match=False)
 ORIGINAL_VISUALBERT = dict(backbone_layers=None, feature_norm=False, train_word_embeddings=True, pool="cls")
 ORIGINAL_TWO_TOWER = dict(hidden=None, layers=4, init_text_from_backbone=False, train_word_embeddings=True,
                           feature_norm=False, loss="bce")
@@ -60,6 +60,7 @@ def tiny_roberta_config() -> RobertaConfig:
 TINY_MCAN = mcan_config(hidden=32, heads=4, ff=64, layers=2, flat_mlp=16, flat_out=24)
 MODELS = {
     "mcan": lambda: MCAN(TINY_MCAN, build_encoder(tiny_config())),
+    "mcan-token-match": lambda: MCAN(mcan_config(**{**vars(TINY_MCAN), "token_match": True}), build_encoder(tiny_config())),
     "visualbert": lambda: VisualBERT(visualbert_config(), build_encoder(tiny_config())),
     "visualbert-roberta": lambda: VisualBERT(visualbert_config(), build_encoder(tiny_roberta_config())),
     "visualbert-mean": lambda: VisualBERT(visualbert_config(pool="mean"), build_encoder(tiny_config())),
@@ -122,7 +123,7 @@ def test_padding_invariance(name, tokenizer):
         assert not torch.allclose(model(padded_batch).logits, ref.logits, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["mcan", "two_tower", "two_tower-softmax"])
+@pytest.mark.parametrize("name", ["mcan", "mcan-token-match", "two_tower", "two_tower-softmax"])
 def test_scoring_encodes_each_query_once(name, tokenizer):
     """In eval mode rows that share a query share one text encoding, and score as if encoded one by one."""
     model = build(name)
@@ -130,7 +131,7 @@ def test_scoring_encodes_each_query_once(name, tokenizer):
     B = len(QUERIES)
     repeated = {k: torch.cat([v, v.flip(0), v]) for k, v in batch.items()}  # every query 3 times, 3B rows
     repeated["img_feat"] = repeated["img_feat"] + torch.rand_like(repeated["img_feat"]) * repeated["img_mask"][..., None]
-    text_module = model.embeddings if name == "mcan" else model.text_tower.embeddings
+    text_module = model.embeddings if name.startswith("mcan") else model.text_tower.embeddings
     seen = []
     hook = text_module.register_forward_hook(lambda mod, args, out: seen.append(len(out)))  # rows embedded
     with torch.no_grad():

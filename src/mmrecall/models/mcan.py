@@ -5,6 +5,10 @@ Image: [2048 | 6 box | 32 label] per box -> 2-layer MLP.
 L self-attention (SA) blocks on the text, then L guided-attention (SGA) blocks on the image, each guided
 by the final text output; one AttFlat per modality; z = [LN(t), LN(v), LN(t*v), LN(|t-v|)] -> MLP -> logit.
 Block names follow openvqa.
+
+`token_match` (not in the 1st place's model; on by default, off in configs/faithful.yaml) adds a per-token score to the logit: each query
+token gathers its evidence from the boxes, and the pair counts as well as its worst-matched token. A near-miss
+image (one named attribute wrong) is then penalised by that one token instead of averaged away in the pooled t.
 """
 
 from __future__ import annotations
@@ -17,13 +21,13 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from .backbone import SHIPPED, load_pretrained_encoder
-from .image_input import NUM_LABELS, ImageInput, RankerOutput, masked_softmax, on_real_boxes, once_per_query
+from .image_input import NUM_LABELS, ImageInput, RankerOutput, masked_fill, masked_softmax, on_real_boxes, once_per_query
 
 
 @dataclass
 class MCANConfig:
     """The CPU default; the 1st place's sizes are in configs/faithful.yaml (hidden 1024, 16 heads, ff 4096,
-    12 layers, dropout 0.1, flat 512 -> 2048, img_mlp None, roberta-large, trained word embeddings)."""
+    12 layers, dropout 0.1, flat 512 -> 2048, img_mlp None, roberta-large, trained word embeddings, no token match)."""
 
     hidden: int = 128
     heads: int = 4
@@ -39,6 +43,7 @@ class MCANConfig:
     backbone: str = SHIPPED  # only its embeddings module is used
     pretrained: bool = True
     train_word_embeddings: bool = False  # the 1st place fine-tuned them; freezing saves a lot on CPU
+    token_match: bool = True  # + a per-token evidence score, soft minimum over the tokens (TokenMatch; off = 1st place)
 
 
 class LayerNorm(nn.Module):
@@ -167,6 +172,23 @@ class AttFlat(nn.Module):
         return self.merge((att * x).sum(1))  # (B, flat_out)
 
 
+class TokenMatch(nn.Module):
+    """Each query token looks for its evidence among the boxes; a pair scores as well as its worst-matched token.
+
+    s_i = MLP([l_i, v_i, l_i * v_i]) with v_i = MHA(l_i, boxes); score = -logsumexp_i(-s_i) over real tokens.
+    """
+
+    def __init__(self, cfg: MCANConfig):
+        super().__init__()
+        self.att = MultiHeadAttention(cfg)
+        self.score = nn.Sequential(nn.Linear(3 * cfg.hidden, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, 1))
+
+    def forward(self, lang: Tensor, img: Tensor, lang_mask: Tensor, img_mask: Tensor) -> Tensor:
+        v = self.att(lang, img, img, img_mask)  # (B, T, H): each token's view of the boxes
+        s = self.score(torch.cat([lang, v, lang * v], dim=-1)).squeeze(-1)  # (B, T)
+        return -torch.logsumexp(masked_fill(-s, lang_mask), dim=1)  # (B,) soft minimum over real tokens
+
+
 class MCAN(nn.Module):
     def __init__(self, cfg: MCANConfig, backbone: PreTrainedModel):
         """`backbone` is a transformers encoder; only its `embeddings` module is kept."""
@@ -185,6 +207,7 @@ class MCAN(nn.Module):
         self.classifier = nn.Sequential(
             nn.Linear(4 * cfg.flat_out, 2 * cfg.flat_out), nn.ReLU(), nn.Linear(2 * cfg.flat_out, 1)
         )
+        self.token_match = TokenMatch(cfg) if cfg.token_match else None
 
     @classmethod
     def from_config(cls, cfg: MCANConfig) -> MCAN:
@@ -216,4 +239,7 @@ class MCAN(nn.Module):
             img = self.mca.decode(img, lang, img_mask, lang_mask)
         v = self.img_flat(img, img_mask)  # (B, flat_out)
         z = torch.cat([norm(f) for norm, f in zip(self.fuse_norms, (t, v, t * v, (t - v).abs()))], dim=-1)
-        return RankerOutput(logits=self.classifier(z).squeeze(-1), fused=z)
+        logits = self.classifier(z).squeeze(-1)
+        if self.token_match is not None:
+            logits = logits + self.token_match(lang, img, lang_mask, img_mask)
+        return RankerOutput(logits=logits, fused=z)
