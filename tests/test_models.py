@@ -148,6 +148,39 @@ def test_scoring_encodes_each_query_once(name, tokenizer):
     assert seen == [3 * B]
 
 
+def test_token_match_counts_the_worst_matched_token(tokenizer):
+    """The token score is a soft minimum over the real tokens: below each token's score, near the lowest."""
+    model = build("mcan-token-match")
+    batch = make_batch(tokenizer)
+    head, mask = model.token_match, batch["attention_mask"].bool()
+    lang, img = torch.randn(3, mask.shape[1], 32), torch.randn(3, max(NUM_BOXES), 32)
+    with torch.no_grad():
+        v = head.att(lang, img, img, batch["img_mask"])
+        s = head.score(torch.cat([lang, v, lang * v], dim=-1)).squeeze(-1)  # (B, T)
+        soft_min = head(lang, img, mask, batch["img_mask"])
+    lowest = s.masked_fill(~mask, float("inf")).min(1).values
+    assert (soft_min <= lowest + 1e-6).all()
+    assert (soft_min >= lowest - torch.log(mask.sum(1).float()) - 1e-6).all()
+
+
+def test_checkpoint_from_before_token_match_loads(tmp_path, tokenizer):
+    """A member saved before `token_match` existed (no such config key) loads as what it was trained as."""
+    from mmrecall.ranking import members
+
+    cfg = MCANConfig(**{**vars(TINY_MCAN), "token_match": False, "pretrained": False})
+    torch.manual_seed(0)
+    model = MCAN.from_config(cfg).eval()
+    path = tmp_path / "model.pt"
+    members.save(path, "mcan", cfg, model, {"train": {}})
+    blob = torch.load(path, weights_only=False)
+    del blob["config"]["token_match"]
+    torch.save(blob, path)
+    loaded = members.load(path)
+    assert loaded.model.token_match is None
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(make_batch(tokenizer)).logits, model(make_batch(tokenizer)).logits)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_score_depends_on_text_and_image(name, tokenizer):
     model = build(name)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +45,9 @@ class MCANConfig:
     pretrained: bool = True
     train_word_embeddings: bool = False  # the 1st place fine-tuned them; freezing saves a lot on CPU
     token_match: bool = True  # + a per-token evidence score, soft minimum over the tokens (TokenMatch; off = 1st place)
+
+    # Fields added after checkpoints were written, with the value such a checkpoint was trained with.
+    LATER_FIELDS: ClassVar[dict] = {"token_match": False}
 
 
 class LayerNorm(nn.Module):

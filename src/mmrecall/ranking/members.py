@@ -89,7 +89,7 @@ def load(path: str | Path, backbone: str | None = None, accelerator: str | None 
     name = blob["model"]
     model_cls, cfg_cls = MODELS[name]
     known = {f.name for f in dataclasses.fields(cfg_cls)}
-    config = dict(blob["config"])
+    config = {**getattr(cfg_cls, "LATER_FIELDS", {}), **blob["config"]}  # an older checkpoint: what it was trained as
     # Same architecture, no pretrained weights read: the checkpoint's state_dict has every weight.
     config.update({k: False for k in ("pretrained", "init_text_from_backbone") if k in known})
     if backbone is not None:
