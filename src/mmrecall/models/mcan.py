@@ -6,9 +6,10 @@ L self-attention (SA) blocks on the text, then L guided-attention (SGA) blocks o
 by the final text output; one AttFlat per modality; z = [LN(t), LN(v), LN(t*v), LN(|t-v|)] -> MLP -> logit.
 Block names follow openvqa.
 
-`token_match` (not in the 1st place's model; on by default, off in configs/faithful.yaml) adds a per-token score to the logit: each query
-token gathers its evidence from the boxes, and the pair counts as well as its worst-matched token. A near-miss
-image (one named attribute wrong) is then penalised by that one token instead of averaged away in the pooled t.
+`token_match` (not in the 1st place's model; on by default, off in configs/faithful.yaml) adds a per-token
+score to the logit: each query token gathers its evidence from the boxes, and the pair counts as well as its
+worst-matched token. A near-miss image (one named attribute wrong) is then penalised by that one token instead
+of averaged away in the pooled t.
 """
 
 from __future__ import annotations
