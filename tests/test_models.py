@@ -60,7 +60,8 @@ def tiny_roberta_config() -> RobertaConfig:
 TINY_MCAN = mcan_config(hidden=32, heads=4, ff=64, layers=2, flat_mlp=16, flat_out=24)
 MODELS = {
     "mcan": lambda: MCAN(TINY_MCAN, build_encoder(tiny_config())),
-    "mcan-token-match": lambda: MCAN(mcan_config(**{**vars(TINY_MCAN), "token_match": True}), build_encoder(tiny_config())),
+    "mcan-token-match": lambda: MCAN(mcan_config(**{**vars(TINY_MCAN), "token_match": True}),
+                                     build_encoder(tiny_config())),
     "visualbert": lambda: VisualBERT(visualbert_config(), build_encoder(tiny_config())),
     "visualbert-roberta": lambda: VisualBERT(visualbert_config(), build_encoder(tiny_roberta_config())),
     "visualbert-mean": lambda: VisualBERT(visualbert_config(pool="mean"), build_encoder(tiny_config())),

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from .backbone import SHIPPED, load_pretrained_encoder
-from .image_input import NUM_LABELS, ImageInput, RankerOutput, masked_fill, masked_softmax, on_real_boxes, once_per_query
+from .image_input import (NUM_LABELS, ImageInput, RankerOutput, masked_fill, masked_softmax, on_real_boxes,
+                          once_per_query)
 
 
 @dataclass
