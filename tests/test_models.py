@@ -165,7 +165,7 @@ def test_token_match_counts_the_worst_matched_token(tokenizer):
 
 
 def test_checkpoint_from_before_token_match_loads(tmp_path, tokenizer):
-    """A member saved before `token_match` existed (no such config key) loads as what it was trained as."""
+    """A member saved before `token_match` and `train.box_select` existed loads as what it was trained as."""
     from mmrecall.ranking import members
 
     cfg = MCANConfig(**{**vars(TINY_MCAN), "token_match": False, "pretrained": False})
@@ -177,7 +177,7 @@ def test_checkpoint_from_before_token_match_loads(tmp_path, tokenizer):
     del blob["config"]["token_match"]
     torch.save(blob, path)
     loaded = members.load(path)
-    assert loaded.model.token_match is None
+    assert loaded.model.token_match is None and loaded.box_select == "first"
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(make_batch(tokenizer)).logits, model(make_batch(tokenizer)).logits)
 

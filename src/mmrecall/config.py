@@ -113,6 +113,7 @@ class TrainParams:
     schedule: ScheduleParams = field(default_factory=ScheduleParams)
     max_query_len: int = 16
     max_boxes: int = 10  # boxes per image given to the models (<= prepare.box_cap)
+    box_select: str = "largest"  # over max_boxes: the largest boxes (by area), or the first in file order (1st place)
     eval_batch_size: int = 256
     accelerator: str = "cpu"  # Lightning: cpu, gpu, auto
     devices: int = 1  # processes per node with strategy ddp
@@ -129,6 +130,10 @@ class TrainParams:
         "two_tower": {"lr": 0.0005, "steps": 400, "eval_every": 100, "max_boxes": 5},
     })
     best_params: bool = False  # apply the tuned values (tune.output, written by `mmrecall tune`) to overrides.<tune model>
+
+    def __post_init__(self):
+        if self.box_select not in ("largest", "first"):
+            raise ParamsError(f"params.yaml train.box_select: expected largest or first, got {self.box_select!r}")
 
     @property
     def effective_backbone_lr(self) -> float:

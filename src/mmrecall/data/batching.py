@@ -24,7 +24,7 @@ from ..config import ParamsError, TrainParams
 from . import pools as pool_files
 from .negatives import HardNegativeSampler, group_queries, pad_pools
 from .store import FeatureStore
-from .tsv import BOX_DIM, FEATURE_DIM
+from .tsv import AREA, BOX_DIM, FEATURE_DIM
 
 
 @dataclass
@@ -45,21 +45,35 @@ class QueryTokens:
         return {"input_ids": torch.from_numpy(self.ids[idx, :T]), "attention_mask": torch.from_numpy(mask[:, :T])}
 
 
-def image_batch(store: FeatureStore, rows: np.ndarray, max_boxes: int | None = None) -> dict[str, torch.Tensor]:
-    """Padded box tensors of the given store rows (the first `max_boxes` boxes of each, if set)."""
+BOX_SELECT = ("largest", "first")
+
+
+def image_batch(store: FeatureStore, rows: np.ndarray, max_boxes: int | None = None,
+                box_select: str = "first") -> dict[str, torch.Tensor]:
+    """Padded box tensors of the given store rows: every box of each, or at most `max_boxes` if set.
+
+    An image with more boxes than `max_boxes` keeps its first ones in file order (box_select "first", the
+    1st place's way), or its largest ones by area, still in file order ("largest"): the detector does not
+    always list the product first, and the product is the large box of a product photo.
+    """
+    if box_select not in BOX_SELECT:
+        raise ValueError(f"box_select must be one of {BOX_SELECT}, got {box_select!r}")
     offsets = store.rows.offset.to_numpy()[rows]
-    counts = store.rows.n_kept.to_numpy()[rows]
-    if max_boxes:
-        counts = np.minimum(counts, max_boxes)
+    full = store.rows.n_kept.to_numpy()[rows]
+    counts = np.minimum(full, max_boxes) if max_boxes else full
     B, N = len(rows), max(int(counts.max()), 1)
     feat = np.zeros((B, N, FEATURE_DIM), np.float32)
     box = np.zeros((B, N, BOX_DIM), np.float32)
     label = np.zeros((B, N), np.int64)
     mask = np.zeros((B, N), bool)
-    for b, (o, n) in enumerate(zip(offsets, counts)):
-        feat[b, :n] = store.features[o : o + n]
-        box[b, :n] = store.boxes[o : o + n]
-        label[b, :n] = store.labels[o : o + n]
+    for b, (o, n, k) in enumerate(zip(offsets, counts, full)):
+        keep = slice(o, o + n)
+        if n < k and box_select == "largest":
+            area = store.boxes[o : o + k, AREA]
+            keep = o + np.sort(np.argsort(-area, kind="stable")[:n])  # ties: the earlier box
+        feat[b, :n] = store.features[keep]
+        box[b, :n] = store.boxes[keep]
+        label[b, :n] = store.labels[keep]
         mask[b, :n] = True
     return {
         "img_feat": torch.from_numpy(feat),
@@ -72,8 +86,9 @@ def image_batch(store: FeatureStore, rows: np.ndarray, max_boxes: int | None = N
 class EvalBatches:
     """Every row of an evaluation store, in store order, as model batches."""
 
-    def __init__(self, store: FeatureStore, tokenizer, max_len: int, batch_size: int, max_boxes: int | None = None):
-        self.store, self.batch_size, self.max_boxes = store, batch_size, max_boxes
+    def __init__(self, store: FeatureStore, tokenizer, max_len: int, batch_size: int, max_boxes: int | None = None,
+                 box_select: str = "first"):
+        self.store, self.batch_size, self.max_boxes, self.box_select = store, batch_size, max_boxes, box_select
         texts, self.query_of_row = group_queries(store.rows.query_clean.tolist())
         self.tokens = QueryTokens.build(texts, tokenizer, max_len)
 
@@ -91,7 +106,7 @@ class EvalBatches:
     def __iter__(self):
         for start in range(0, len(self.store), self.batch_size):
             rows = np.arange(start, min(start + self.batch_size, len(self.store)))
-            yield {**self.tokens.batch(self.query_of_row[rows]), **image_batch(self.store, rows, self.max_boxes)}
+            yield {**self.tokens.batch(self.query_of_row[rows]), **image_batch(self.store, rows, self.max_boxes, self.box_select)}
 
 
 class TrainData:
@@ -133,7 +148,7 @@ class TrainBatches(IterableDataset):
                 a = anchors[i * n_anchor : (i + 1) * n_anchor]
                 r = np.concatenate([a, d.sampler.neighbour_rows(rng, d.row_query[a[:n_near]])])
                 q = d.row_query[r]
-                yield {"pos": {**d.tokens.batch(q), **image_batch(d.store, r, d.params.max_boxes)}, "query": torch.from_numpy(q)}
+                yield {"pos": {**d.tokens.batch(q), **image_batch(d.store, r, d.params.max_boxes, d.params.box_select)}, "query": torch.from_numpy(q)}
             return
         triples = d.sampler.sample(rng, d.params.random_negatives)
         pick = np.resize(rng.permutation(len(triples.query)), self.n_batches * B)
@@ -141,6 +156,6 @@ class TrainBatches(IterableDataset):
             t = pick[i * B : (i + 1) * B]
             tokens = d.tokens.batch(triples.query[t])
             yield {
-                "pos": {**tokens, **image_batch(d.store, triples.positive[t], d.params.max_boxes)},
-                "neg": {**tokens, **image_batch(d.store, triples.negative[t], d.params.max_boxes)},
+                "pos": {**tokens, **image_batch(d.store, triples.positive[t], d.params.max_boxes, d.params.box_select)},
+                "neg": {**tokens, **image_batch(d.store, triples.negative[t], d.params.max_boxes, d.params.box_select)},
             }

@@ -34,6 +34,7 @@ COLUMNS = (
 HEADER = "\t".join(COLUMNS)
 FEATURE_DIM = 2048
 BOX_DIM = 6  # normalised top, left, bottom, right, area, aspect (the 1st place's 6-d box input)
+AREA = 4  # the column of the box's area (a share of the image) in that row
 NUM_LABELS = 33  # class ids 0..32 (multimodal_labels.txt)
 
 # Reasons a row is rejected; the rejects file and the summary use these names.

@@ -77,6 +77,7 @@ class Member:
     tokenizer: object
     max_query_len: int
     max_boxes: int
+    box_select: str  # which boxes an image over max_boxes keeps (data/batching.py)
     batch_size: int  # rows per scoring batch (eval_batch_size on the device)
     device: torch.device = CPU
     precision: str = "32-true"  # train.precision: autocast on a GPU for the mixed ones
@@ -99,7 +100,8 @@ def load(path: str | Path, backbone: str | None = None, accelerator: str | None 
     train = blob.get("train", {})
     device = scoring_device(accelerator or train.get("accelerator", "cpu"))
     return Member(name, model.eval().to(device), load_tokenizer(config["backbone"]), int(train.get("max_query_len", 16)),
-                  int(train.get("max_boxes", 10)), eval_batch_size(int(train.get("eval_batch_size", 256)), device),
+                  int(train.get("max_boxes", 10)), train.get("box_select", "first"),  # older checkpoints: file order
+                  eval_batch_size(int(train.get("eval_batch_size", 256)), device),
                   device, train.get("precision", "32-true"))
 
 
@@ -122,7 +124,8 @@ def score_batches(model: nn.Module, batches: EvalBatches, device: torch.device =
 
 def score(member: Member, store: FeatureStore) -> tuple[pd.DataFrame, np.ndarray]:
     """Score table and float16 fused vectors of every store row."""
-    batches = EvalBatches(store, member.tokenizer, member.max_query_len, member.batch_size, member.max_boxes)
+    batches = EvalBatches(store, member.tokenizer, member.max_query_len, member.batch_size, member.max_boxes,
+                          member.box_select)
     return score_batches(member.model, batches, member.device, member.precision)
 
 

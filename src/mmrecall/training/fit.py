@@ -104,7 +104,8 @@ def build_data(name: str, seed: int, params: Params) -> TrainSetup:
         raise MissingInputError(f"{params.data.features}/valid: no feature store (run `mmrecall prepare --split valid`)")
     tokenizer = load_tokenizer(cfg.backbone)
     data = TrainData(train_store, tokenizer, tp, seed, pairwise=name == "two_tower", pools=params.data.pools)
-    eval_batches = {split: EvalBatches(store, tokenizer, tp.max_query_len, tp.eval_batch_size, tp.max_boxes)
+    eval_batches = {split: EvalBatches(store, tokenizer, tp.max_query_len, tp.eval_batch_size, tp.max_boxes,
+                                         tp.box_select)
                     for split, store in stores.items()}
     model = build_model(name, cfg)  # after seed_everything: the same seed gives the same initial weights
     module = TrainingModule(name, model, tp, seed, stores["valid"])
