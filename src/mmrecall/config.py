@@ -92,6 +92,9 @@ class ScheduleParams:
     amplitude: float = 0.3
 
 
+BOX_SELECT = ("largest", "first")  # train.box_select: which boxes an image over max_boxes keeps (data/batching.py)
+
+
 @dataclass
 class TrainParams:
     """The neural rankers: one DVC matrix member per (model, seed)."""
@@ -132,8 +135,8 @@ class TrainParams:
     best_params: bool = False  # apply the tuned values (tune.output, written by `mmrecall tune`) to overrides.<tune model>
 
     def __post_init__(self):
-        if self.box_select not in ("largest", "first"):
-            raise ParamsError(f"params.yaml train.box_select: expected largest or first, got {self.box_select!r}")
+        if self.box_select not in BOX_SELECT:
+            raise ParamsError(f"params.yaml train.box_select: expected one of {BOX_SELECT}, got {self.box_select!r}")
 
     @property
     def effective_backbone_lr(self) -> float:

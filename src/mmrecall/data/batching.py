@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from ..config import ParamsError, TrainParams
+from ..config import BOX_SELECT, ParamsError, TrainParams
 from . import pools as pool_files
 from .negatives import HardNegativeSampler, group_queries, pad_pools
 from .store import FeatureStore
@@ -43,9 +43,6 @@ class QueryTokens:
         mask = self.mask[idx]
         T = max(int(mask.sum(1).max()), 1)  # trim the padding every row of the batch shares
         return {"input_ids": torch.from_numpy(self.ids[idx, :T]), "attention_mask": torch.from_numpy(mask[:, :T])}
-
-
-BOX_SELECT = ("largest", "first")
 
 
 def image_batch(store: FeatureStore, rows: np.ndarray, max_boxes: int | None = None,
