@@ -59,21 +59,22 @@ def image_batch(store: FeatureStore, rows: np.ndarray, max_boxes: int | None = N
     full = store.rows.n_kept.to_numpy()[rows]
     counts = np.minimum(full, max_boxes) if max_boxes else full
     B, N = len(rows), max(int(counts.max()), 1)
-    feat = np.zeros((B, N, FEATURE_DIM), np.float32)
+    mask = np.arange(N)[None, :] < counts[:, None]  # (B, N)
+    src = offsets[:, None] + np.arange(N)[None, :]  # (B, N) store box of each slot: the first ones
+    if box_select == "largest":
+        for b in np.flatnonzero(counts < full):
+            o, n, k = offsets[b], counts[b], full[b]
+            area = store.boxes[o : o + k, AREA]
+            src[b, :n] = o + np.sort(np.argsort(-area, kind="stable")[:n])  # ties: the earlier box
+    keep = src[mask]  # one gather per array instead of one slice per image
+    feat = np.zeros((B, N, FEATURE_DIM), store.features.dtype)  # float16 in a store: torch widens it ~15x faster
     box = np.zeros((B, N, BOX_DIM), np.float32)
     label = np.zeros((B, N), np.int64)
-    mask = np.zeros((B, N), bool)
-    for b, (o, n, k) in enumerate(zip(offsets, counts, full)):
-        keep = slice(o, o + n)
-        if n < k and box_select == "largest":
-            area = store.boxes[o : o + k, AREA]
-            keep = o + np.sort(np.argsort(-area, kind="stable")[:n])  # ties: the earlier box
-        feat[b, :n] = store.features[keep]
-        box[b, :n] = store.boxes[keep]
-        label[b, :n] = store.labels[keep]
-        mask[b, :n] = True
+    feat[mask] = store.features[keep]
+    box[mask] = store.boxes[keep]
+    label[mask] = store.labels[keep]
     return {
-        "img_feat": torch.from_numpy(feat),
+        "img_feat": torch.from_numpy(feat).float(),
         "img_box": torch.from_numpy(box),
         "img_label": torch.from_numpy(label),
         "img_mask": torch.from_numpy(mask),

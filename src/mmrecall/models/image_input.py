@@ -43,14 +43,16 @@ def masked_softmax(logits: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
     return torch.softmax(masked_fill(logits, mask), dim=dim)
 
 
-def on_real_boxes(fn: nn.Module, x: Tensor, mask: Tensor) -> Tensor:
-    """Apply a per-box module to the real boxes only; padded positions get zeros.
+def on_real_boxes(fn, x: Tensor | tuple[Tensor, ...], mask: Tensor) -> Tensor:
+    """Apply a per-box function to the real boxes only; padded positions get zeros.
 
     Boxes are padded to the largest image of the batch (up to 30 while the mean is ~4), so running a
-    wide per-box MLP on the padding would be most of the cost. x (B, N, D_in) -> (B, N, D_out).
+    wide per-box MLP on the padding would be most of the cost. x (B, N, D_in), or a tuple of such tensors
+    passed to `fn` together (each gathered to (R, ...) first) -> (B, N, D_out).
     """
     mask = mask.bool()
-    out = fn(x[mask])  # (R, D_out), R = real boxes in the batch
+    parts = x if isinstance(x, tuple) else (x,)
+    out = fn(*(part[mask] for part in parts))  # (R, D_out), R = real boxes in the batch
     full = out.new_zeros(*mask.shape, out.shape[-1])
     full[mask] = out
     return full
@@ -100,7 +102,8 @@ class ImageInput(nn.Module):
         return FEAT_DIM + BOX_DIM + (self.label_embedding.embedding_dim if self.label_embedding is not None else 0)
 
     def forward(self, img_feat: Tensor, img_box: Tensor, img_label: Tensor) -> Tensor:
-        # img_feat (B, N, 2048), img_box (B, N, 6), img_label (B, N) -> (B, N, 2054 + label_dim)
+        # img_feat (..., 2048), img_box (..., 6), img_label (...) -> (..., 2054 + label_dim): (B, N) boxes,
+        # or (R,) real boxes gathered by on_real_boxes (the padding then costs nothing)
         parts = [self.feature_norm(img_feat), img_box]
         if self.label_embedding is not None:
             parts.append(self.label_embedding(img_label))
