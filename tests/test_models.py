@@ -241,7 +241,15 @@ def test_mcan_layernorm_matches_formula():
     x = torch.randn(3, 5, 8) * 4 + 1
     mean = x.mean(-1, keepdim=True)
     std = ((x - mean) ** 2).sum(-1, keepdim=True).div(8 - 1).sqrt()  # unbiased
-    torch.testing.assert_close(ln(x), ln.weight * (x - mean) / (std + 1e-6) + ln.bias)
+    formula = ln.weight * (x - mean) / (std + 1e-6) + ln.bias
+    torch.testing.assert_close(ln(x), formula)
+    # the fused kernel gives the formula's gradients too (it only moves eps inside the root)
+    upstream = torch.randn_like(x)
+    grads = torch.autograd.grad((ln(x) * upstream).sum(), [ln.weight, ln.bias])
+    expected = torch.autograd.grad((formula * upstream).sum(), [ln.weight, ln.bias])
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+    assert ln(torch.zeros(2, 8)).isfinite().all()  # a constant row: the bias, not a division by 0
     # ... which is not torch's LayerNorm (biased variance, eps inside the root).
     assert not torch.allclose(ln(x), F.layer_norm(x, (8,), ln.weight, ln.bias, eps=1e-6), atol=1e-3)
 

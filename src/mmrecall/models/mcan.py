@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
@@ -53,18 +54,22 @@ class MCANConfig:
 
 
 class LayerNorm(nn.Module):
-    """MCAN's LayerNorm: weight * (x - mean) / (std + eps) + bias, with the unbiased std."""
+    """MCAN's LayerNorm: weight * (x - mean) / (std + eps) + bias, with the unbiased std.
+
+    Computed by torch's fused layer_norm (one kernel each way instead of ~6 + ~10; MCAN runs 9 per pass):
+    (x - mean) / std_unbiased = layer_norm(x) * sqrt((n - 1) / n), with eps moved inside the square root
+    (eps**2), which differs from the original only where the std is within a few eps of 0.
+    """
 
     def __init__(self, size: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(size))
         self.bias = nn.Parameter(torch.zeros(size))
+        self.unbias = math.sqrt((size - 1) / size) if size > 1 else 1.0
 
     def forward(self, x: Tensor) -> Tensor:
-        mean = x.mean(-1, keepdim=True)
-        std = x.std(-1, keepdim=True)
-        return self.weight * (x - mean) / (std + self.eps) + self.bias
+        return F.layer_norm(x, self.weight.shape, self.weight * self.unbias, self.bias, eps=self.eps**2)
 
 
 class MultiHeadAttention(nn.Module):
