@@ -43,16 +43,15 @@ def masked_softmax(logits: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
     return torch.softmax(masked_fill(logits, mask), dim=dim)
 
 
-def on_real_boxes(fn, x: Tensor | tuple[Tensor, ...], mask: Tensor) -> Tensor:
-    """Apply a per-box function to the real boxes only; padded positions get zeros.
+def on_real_boxes(fn, mask: Tensor, *x: Tensor) -> Tensor:
+    """fn applied to the real boxes only; padded positions get zeros.
 
     Boxes are padded to the largest image of the batch (up to 30 while the mean is ~4), so running a
-    wide per-box MLP on the padding would be most of the cost. x (B, N, D_in), or a tuple of such tensors
-    passed to `fn` together (each gathered to (R, ...) first) -> (B, N, D_out).
+    wide per-box MLP on the padding would be most of the cost. Each x (B, N, ...) is gathered to its real
+    boxes (R, ...) and passed to `fn`, which returns (R, D_out) -> (B, N, D_out).
     """
     mask = mask.bool()
-    parts = x if isinstance(x, tuple) else (x,)
-    out = fn(*(part[mask] for part in parts))  # (R, D_out), R = real boxes in the batch
+    out = fn(*(part[mask] for part in x))  # (R, D_out), R = real boxes in the batch
     full = out.new_zeros(*mask.shape, out.shape[-1])
     full[mask] = out
     return full

@@ -240,7 +240,7 @@ class MCAN(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> RankerOutput:
         lang_mask, img_mask = batch["attention_mask"].bool(), batch["img_mask"].bool()
         img = on_real_boxes(lambda *box: self.img_proj(self.image_input(*box)),  # (R, 2086) -> (R, H)
-                            (batch["img_feat"], batch["img_box"], batch["img_label"]), img_mask)  # (B, N, H)
+                            img_mask, batch["img_feat"], batch["img_box"], batch["img_label"])  # (B, N, H)
         if self.training:  # (the order of the random draws and gradient sums as it always was)
             lang = self.lang_proj(self.embeddings(input_ids=batch["input_ids"]))  # (B, T, H)
             lang, img = self.mca(lang, img, lang_mask, img_mask)

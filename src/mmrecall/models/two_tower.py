@@ -121,7 +121,7 @@ class TwoTower(nn.Module):
         return once_per_query(encode, batch["input_ids"], batch["attention_mask"])
 
     def encode_image(self, batch: dict[str, Tensor]) -> Tensor:
-        x = on_real_boxes(lambda roi: self.roi_norm(self.roi_proj(self.feature_norm(roi))), batch["img_feat"], batch["img_mask"])  # (B, N, H)
+        x = on_real_boxes(lambda roi: self.roi_norm(self.roi_proj(self.feature_norm(roi))), batch["img_mask"], batch["img_feat"])  # (B, N, H)
         mask = encoder_attention_mask(self.image_config, x, batch["img_mask"].long())
         x = self.image_encoder(x, attention_mask=mask).last_hidden_state  # (B, N, H)
         return self.image_pooler(x)  # (B, H), from the first ROI

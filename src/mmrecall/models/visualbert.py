@@ -95,7 +95,7 @@ class VisualBERT(nn.Module):
         text_mask, img_mask = batch["attention_mask"].bool(), batch["img_mask"].bool()
         text = self.bert.embeddings.word_embeddings(batch["input_ids"])  # (B, T, H)
         img = on_real_boxes(lambda *box: self.img_proj(self.image_input(*box)),  # (R, 2054 + label_dim) -> (R, H)
-                            (batch["img_feat"], batch["img_box"], batch["img_label"]), img_mask)  # (B, N, H)
+                            img_mask, batch["img_feat"], batch["img_box"], batch["img_label"])  # (B, N, H)
         mask = torch.cat([text_mask, img_mask], dim=1)  # (B, T + N)
         token_type = torch.cat([torch.zeros_like(text_mask), torch.ones_like(img_mask)], dim=1).long()
         position = mask.long().cumsum(1) - 1 + self.position_offset
