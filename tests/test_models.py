@@ -293,6 +293,22 @@ def test_in_batch_softmax_loss_hand_computed():
     assert in_batch_softmax_loss(t, v, 0.5).item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_swapped_texts_are_extra_negatives_of_every_image():
+    t = torch.tensor([[3.0, 4.0], [0.0, 2.0]])  # unit rows: (0.6, 0.8), (0, 1)
+    v = torch.tensor([[1.0, 0.0], [0.0, 5.0]])  # unit rows: (1, 0), (0, 1)
+    extra = torch.tensor([[2.0, 0.0]])  # unit (1, 0): cos 1 with image 0, 0 with image 1; / 0.5 = 2, 0
+
+    def ce(row, target):
+        return math.log(sum(math.exp(x) for x in row)) - row[target]
+    text_to_image = (ce([1.2, 1.6], 0) + ce([0.0, 2.0], 1)) / 2  # unchanged
+    image_to_text = (ce([1.2, 0.0, 2.0], 0) + ce([1.6, 2.0, 0.0], 1)) / 2
+    assert in_batch_softmax_loss(t, v, 0.5, extra_text=extra).item() == pytest.approx((text_to_image + image_to_text) / 2, rel=1e-6)
+    # bce (test_in_batch_loss_hand_computed's vectors): the (S, B) extra pairs are negatives in the same mean
+    t, v = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    softplus = [math.log1p(math.exp(x)) for x in (-1, 0, 2, -2, 2, 0)]  # sim [[1, 0], [2, 2]], extra @ v.T [[2, 0]]
+    assert in_batch_loss(t, v, extra_text=extra).item() == pytest.approx(sum(softplus) / 6, rel=1e-6)
+
+
 @pytest.mark.parametrize("loss", ["bce", "softmax"])
 def test_in_batch_losses_leave_out_rows_of_the_same_query(loss):
     """Rows 0 and 1 share a query: their cross similarities are not negatives, whatever their value."""

@@ -6,11 +6,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from mmrecall.config import TrainParams
 from mmrecall.data import pools as pool_files
-from mmrecall.data.batching import TrainData
+from mmrecall.config import ParamsError
+from mmrecall.data.batching import TrainBatches, TrainData
 from mmrecall.data.negatives import build_pools, group_queries, pad_pools, pool_size, shard_bounds, similar_queries
 from mmrecall.data.store import FeatureStore
 from mmrecall.errors import MissingInputError, UserError
@@ -71,6 +73,31 @@ def test_train_data_draws_from_the_stage_output(train_store):
     assert data.sampler.pools.dtype == np.int32
     with pytest.raises(MissingInputError):
         TrainData(store, load_tokenizer(), TrainParams(), seed=3, pairwise=False, pools=train_store / "missing")
+
+
+def test_swap_negatives_pair_the_positive_image_with_a_swapped_query(train_store):
+    store, tokenizer = FeatureStore.open(train_store / "features" / "train"), load_tokenizer()
+
+    def batch(share: float):
+        params = TrainParams(batch_size=32, swap_negatives=share)
+        data = TrainData(store, tokenizer, params, seed=3, pairwise=False, pools=train_store / "pools")
+        return data, next(iter(TrainBatches(data, epoch=0, n_batches=1)))
+
+    data, plain = batch(0.0)
+    assert data.swaps is None
+    assert torch.equal(plain["pos"]["input_ids"], plain["neg"]["input_ids"])  # the query's own text
+    data, swapped = batch(1.0)
+    assert len(data.swaps) > 0
+    pos, neg = swapped["pos"], swapped["neg"]
+    texts = tokenizer.batch_decode(pos["input_ids"], skip_special_tokens=True)
+    neg_texts = tokenizer.batch_decode(neg["input_ids"], skip_special_tokens=True)
+    changed = [i for i, (a, b) in enumerate(zip(texts, neg_texts)) if a != b]
+    assert len(changed) > len(texts) // 2
+    n = min(pos["img_feat"].shape[1], neg["img_feat"].shape[1])
+    for i in changed:  # the positive's own image under another query
+        assert torch.equal(pos["img_feat"][i, :n], neg["img_feat"][i, :n]) and pos["img_mask"][i].sum() == neg["img_mask"][i].sum()
+    with pytest.raises(ParamsError, match="swap_negatives"):
+        TrainData(store, tokenizer, TrainParams(swap_negatives=1.5), seed=3, pairwise=False, pools=train_store / "pools")
 
 
 def test_pool_memory_is_bounded_by_the_cap_not_the_largest_group():

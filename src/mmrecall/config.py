@@ -107,6 +107,7 @@ class TrainParams:
     batch_size: int = 128  # triples (query, positive, negative); pairs for the two-tower
     negatives: int = 10  # hard negatives per positive in the TF-IDF pool sampler (1st place: 10)
     random_negatives: float = 0.5  # share of those negatives drawn from any other query (1st place: 0)
+    swap_negatives: float = 0.25  # share of negatives: the positive image under its query with one word swapped (1st place: 0)
     in_batch_neighbours: float = 0.25  # two-tower: share of a batch drawn from the pools of the other rows
     lr: float = 1.0e-3
     backbone_lr: float | None = None  # lr of the pretrained backbone weights (None = lr)
@@ -130,7 +131,7 @@ class TrainParams:
     overrides: dict = field(default_factory=lambda: {  # per model: {model: {lr: .., steps: .., ...}}
         "visualbert": {"lr": 0.002, "backbone_lr": 0.0005, "batch_size": 64, "steps": 700, "eval_every": 100,
                        "focal_gamma": 0.0, "max_boxes": 5},
-        "two_tower": {"lr": 0.0005, "steps": 400, "eval_every": 100, "max_boxes": 5},
+        "two_tower": {"lr": 0.0005, "steps": 400, "eval_every": 100, "max_boxes": 5, "swap_negatives": 0.0},
     })
     best_params: bool = False  # apply the tuned values (tune.output, written by `mmrecall tune`) to overrides.<tune model>
 
@@ -176,7 +177,7 @@ class PrunerParams:
 
 
 # Tunable train keys; `amplitude` is train.schedule.amplitude.
-TUNABLE = ("focal_alpha", "focal_gamma", "amplitude", "lr")
+TUNABLE = ("focal_alpha", "focal_gamma", "amplitude", "lr", "swap_negatives")
 
 
 @dataclass

@@ -24,6 +24,7 @@ from ..config import BOX_SELECT, ParamsError, TrainParams
 from . import pools as pool_files
 from .negatives import HardNegativeSampler, group_queries, pad_pools
 from .store import FeatureStore
+from .swaps import WordSwaps
 from .tsv import AREA, BOX_DIM, FEATURE_DIM
 
 
@@ -118,9 +119,13 @@ class TrainData:
         self.store, self.params, self.seed, self.pairwise = store, params, seed, pairwise
         if not 0.0 <= params.in_batch_neighbours <= 0.5:
             raise ParamsError(f"params train.in_batch_neighbours must be in [0, 0.5], got {params.in_batch_neighbours}")
-        texts, self.row_query = group_queries(store.rows.query_clean.tolist())
-        self.tokens = QueryTokens.build(texts, tokenizer, params.max_query_len)
-        neighbours, size = pool_files.load(pools, texts)
+        if not 0.0 <= params.swap_negatives <= 1.0:
+            raise ParamsError(f"params train.swap_negatives must be in [0, 1], got {params.swap_negatives}")
+        self.texts, self.row_query = group_queries(store.rows.query_clean.tolist())
+        self.tokenizer = tokenizer
+        self.tokens = QueryTokens.build(self.texts, tokenizer, params.max_query_len)
+        self.swaps = WordSwaps.from_texts(self.texts) if params.swap_negatives > 0 else None
+        neighbours, size = pool_files.load(pools, self.texts)
         pools = pad_pools(neighbours, size, np.random.default_rng(seed))
         self.sampler = HardNegativeSampler.from_row_queries(self.row_query, pools, params.negatives)
 
@@ -146,14 +151,29 @@ class TrainBatches(IterableDataset):
                 a = anchors[i * n_anchor : (i + 1) * n_anchor]
                 r = np.concatenate([a, d.sampler.neighbour_rows(rng, d.row_query[a[:n_near]])])
                 q = d.row_query[r]
-                yield {"pos": {**d.tokens.batch(q), **image_batch(d.store, r, d.params.max_boxes, d.params.box_select)}, "query": torch.from_numpy(q)}
+                batch = {"pos": {**d.tokens.batch(q), **image_batch(d.store, r, d.params.max_boxes, d.params.box_select)},
+                         "query": torch.from_numpy(q)}
+                if d.swaps is not None:  # extra negative texts: queries of the batch with one word swapped
+                    picked = np.flatnonzero(rng.random(B) < d.params.swap_negatives)
+                    texts = [t for t in (d.swaps.swap(d.texts[q[j]], rng) for j in picked) if t is not None]
+                    if texts:
+                        batch["swapped"] = QueryTokens.build(texts, d.tokenizer, d.params.max_query_len).batch(np.arange(len(texts)))
+                yield batch
             return
         triples = d.sampler.sample(rng, d.params.random_negatives)
         pick = np.resize(rng.permutation(len(triples.query)), self.n_batches * B)
         for i in range(self.n_batches):
             t = pick[i * B : (i + 1) * B]
-            tokens = d.tokens.batch(triples.query[t])
+            query, pos, neg = triples.query[t], triples.positive[t], triples.negative[t].copy()
+            tokens = neg_tokens = d.tokens.batch(query)
+            if d.swaps is not None:  # some negatives: the positive image under a query with one word swapped
+                texts = [d.texts[q] for q in query]
+                for j in np.flatnonzero(rng.random(len(t)) < d.params.swap_negatives):
+                    swapped = d.swaps.swap(texts[j], rng)
+                    if swapped is not None:
+                        texts[j], neg[j] = swapped, pos[j]
+                neg_tokens = QueryTokens.build(texts, d.tokenizer, d.params.max_query_len).batch(np.arange(len(t)))
             yield {
-                "pos": {**tokens, **image_batch(d.store, triples.positive[t], d.params.max_boxes, d.params.box_select)},
-                "neg": {**tokens, **image_batch(d.store, triples.negative[t], d.params.max_boxes, d.params.box_select)},
+                "pos": {**tokens, **image_batch(d.store, pos, d.params.max_boxes, d.params.box_select)},
+                "neg": {**neg_tokens, **image_batch(d.store, neg, d.params.max_boxes, d.params.box_select)},
             }

@@ -60,21 +60,33 @@ def _false_negatives(query: Tensor | None, n: int, device) -> Tensor:
     return (query[:, None] == query[None, :]) & ~torch.eye(n, dtype=torch.bool, device=device)
 
 
-def in_batch_loss(text_vec: Tensor, image_vec: Tensor, query: Tensor | None = None) -> Tensor:
-    """Mean element-wise BCE-with-logits of the (B, B) dot-product matrix against the identity."""
+def in_batch_loss(text_vec: Tensor, image_vec: Tensor, query: Tensor | None = None,
+                  extra_text: Tensor | None = None) -> Tensor:
+    """Mean element-wise BCE-with-logits of the (B, B) dot-product matrix against the identity; the rows
+    of `extra_text` (S, H), texts that fit no image of the batch, add (S, B) negatives."""
     sim = text_vec @ image_vec.T  # (B, B)
     eye = torch.eye(len(sim), dtype=sim.dtype, device=sim.device)
     keep = (~_false_negatives(query, len(sim), sim.device)).to(sim.dtype)
     loss = F.binary_cross_entropy_with_logits(sim, eye, reduction="none")
-    return (loss * keep).sum() / keep.sum()
+    if extra_text is None:
+        return (loss * keep).sum() / keep.sum()
+    neg = extra_text @ image_vec.T  # (S, B)
+    extra = F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg), reduction="sum")
+    return ((loss * keep).sum() + extra) / (keep.sum() + neg.numel())
 
 
-def in_batch_softmax_loss(text_vec: Tensor, image_vec: Tensor, temperature: float, query: Tensor | None = None) -> Tensor:
-    """Symmetric InfoNCE: cross-entropy of each text over the batch's images and of each image over the texts."""
-    sim = F.normalize(text_vec, dim=-1) @ F.normalize(image_vec, dim=-1).T / temperature  # (B, B)
+def in_batch_softmax_loss(text_vec: Tensor, image_vec: Tensor, temperature: float, query: Tensor | None = None,
+                          extra_text: Tensor | None = None) -> Tensor:
+    """Symmetric InfoNCE: cross-entropy of each text over the batch's images and of each image over the
+    texts, the latter also over the rows of `extra_text` (S, H), texts that fit no image of the batch."""
+    v = F.normalize(image_vec, dim=-1)
+    sim = F.normalize(text_vec, dim=-1) @ v.T / temperature  # (B, B)
     sim = sim.masked_fill(_false_negatives(query, len(sim), sim.device), float("-inf"))
     target = torch.arange(len(sim), device=sim.device)
-    return (F.cross_entropy(sim, target) + F.cross_entropy(sim.T, target)) / 2
+    per_image = sim.T  # (B, B) image -> texts
+    if extra_text is not None:
+        per_image = torch.cat([per_image, v @ F.normalize(extra_text, dim=-1).T / temperature], dim=1)  # (B, B + S)
+    return (F.cross_entropy(sim, target) + F.cross_entropy(per_image, target)) / 2
 
 
 class TwoTower(nn.Module):
@@ -126,12 +138,15 @@ class TwoTower(nn.Module):
         x = self.image_encoder(x, attention_mask=mask).last_hidden_state  # (B, N, H)
         return self.image_pooler(x)  # (B, H), from the first ROI
 
-    def in_batch_loss(self, batch: dict[str, Tensor], query: Tensor | None = None) -> Tensor:
-        """The training loss of a batch of positive pairs; `query` (B,) marks rows of the same query."""
+    def in_batch_loss(self, batch: dict[str, Tensor], query: Tensor | None = None,
+                      swapped: dict[str, Tensor] | None = None) -> Tensor:
+        """The training loss of a batch of positive pairs; `query` (B,) marks rows of the same query;
+        `swapped` (input_ids, attention_mask of S queries with one word swapped) are negatives of every image."""
         t, v = self.encode_text(batch), self.encode_image(batch)
+        extra = self.encode_text(swapped) if swapped is not None else None
         if self.cfg.loss == "softmax":
-            return in_batch_softmax_loss(t, v, self.cfg.temperature, query)
-        return in_batch_loss(t, v, query)
+            return in_batch_softmax_loss(t, v, self.cfg.temperature, query, extra)
+        return in_batch_loss(t, v, query, extra)
 
     def forward(self, batch: dict[str, Tensor]) -> RankerOutput:
         t, v = self.encode_text(batch), self.encode_image(batch)

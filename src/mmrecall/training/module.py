@@ -67,7 +67,7 @@ class TrainingModule(L.LightningModule):
         p = self.params
         if "neg" not in batch:
             pos = batch["pos"]
-            loss = self.model.in_batch_loss(pos, batch["query"])
+            loss = self.model.in_batch_loss(pos, batch["query"], batch.get("swapped"))
             self.samples_seen += len(pos["input_ids"])
         else:
             lp, ln = self.model(batch["pos"]).logits, self.model(batch["neg"]).logits
