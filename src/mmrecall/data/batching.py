@@ -7,7 +7,9 @@ A batch is a dict of tensors that every model accepts (each ignores what it does
 
 Training batches (`TrainBatches`) hold (query, positive, hard negative) triples as {"pos": batch, "neg": batch},
 or, for the two-tower's in-batch loss, positive pairs as {"pos": batch, "query": (B,) query index}; what an
-epoch's batches hold depends only on (seed, epoch, rank).
+epoch's batches hold depends only on (seed, epoch, rank). With `train.swap_negatives` > 0 a share of the
+negatives are word swaps (data/swaps.py): in "neg", the positive image under its query with one word swapped;
+for the two-tower, the swapped texts as "swapped": {input_ids, attention_mask}, negatives of every image.
 """
 
 from __future__ import annotations
