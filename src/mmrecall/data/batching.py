@@ -42,6 +42,11 @@ class QueryTokens:
         enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="np")
         return cls(enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64))
 
+    @classmethod
+    def encode(cls, texts: list[str], tokenizer, max_len: int) -> dict[str, torch.Tensor]:
+        """One model batch of `texts`, in order (texts made on the fly, such as swapped queries)."""
+        return cls.build(texts, tokenizer, max_len).batch(np.arange(len(texts)))
+
     def batch(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
         mask = self.mask[idx]
         T = max(int(mask.sum(1).max()), 1)  # trim the padding every row of the batch shares
@@ -159,7 +164,7 @@ class TrainBatches(IterableDataset):
                     picked = np.flatnonzero(rng.random(B) < d.params.swap_negatives)
                     texts = [t for t in (d.swaps.swap(d.texts[q[j]], rng) for j in picked) if t is not None]
                     if texts:
-                        batch["swapped"] = QueryTokens.build(texts, d.tokenizer, d.params.max_query_len).batch(np.arange(len(texts)))
+                        batch["swapped"] = QueryTokens.encode(texts, d.tokenizer, d.params.max_query_len)
                 yield batch
             return
         triples = d.sampler.sample(rng, d.params.random_negatives)
@@ -174,7 +179,7 @@ class TrainBatches(IterableDataset):
                     swapped = d.swaps.swap(texts[j], rng)
                     if swapped is not None:
                         texts[j], neg[j] = swapped, pos[j]
-                neg_tokens = QueryTokens.build(texts, d.tokenizer, d.params.max_query_len).batch(np.arange(len(t)))
+                neg_tokens = QueryTokens.encode(texts, d.tokenizer, d.params.max_query_len)
             yield {
                 "pos": {**tokens, **image_batch(d.store, pos, d.params.max_boxes, d.params.box_select)},
                 "neg": {**neg_tokens, **image_batch(d.store, neg, d.params.max_boxes, d.params.box_select)},
