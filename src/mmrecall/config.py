@@ -21,7 +21,7 @@ import yaml
 from .errors import UserError
 
 PARAMS_FILE = "params.yaml"
-MODEL_SECTIONS = ("mcan", "visualbert", "two_tower")  # train.<model>: each model's architecture
+MODEL_SECTIONS = ("mcan", "visualbert", "two_tower", "word_detector")  # train.<model>: each model's architecture
 
 
 @dataclass
@@ -99,7 +99,7 @@ BOX_SELECT = ("largest", "first")  # train.box_select: which boxes an image over
 class TrainParams:
     """The neural rankers: one DVC matrix member per (model, seed)."""
 
-    models: list[str] = field(default_factory=lambda: ["mcan", "visualbert", "two_tower"])
+    models: list[str] = field(default_factory=lambda: ["mcan", "visualbert", "word_detector"])
     seeds: list[int] = field(default_factory=lambda: [1])  # CPU default: one long member per model beat two short ones
     steps: int = 1000  # optimizer steps per member (sized for the 15-minute make repro)
     eval_every: int = 100  # valid NDCG@5 (and a checkpoint) every N steps
@@ -128,10 +128,12 @@ class TrainParams:
     mcan: dict = field(default_factory=dict)  # MCANConfig fields (models/mcan.py holds their defaults)
     visualbert: dict = field(default_factory=dict)  # VisualBERTConfig fields
     two_tower: dict = field(default_factory=dict)  # TwoTowerConfig fields
+    word_detector: dict = field(default_factory=dict)  # WordDetectorConfig fields
     overrides: dict = field(default_factory=lambda: {  # per model: {model: {lr: .., steps: .., ...}}
         "visualbert": {"lr": 0.002, "backbone_lr": 0.0005, "batch_size": 64, "steps": 700, "eval_every": 100,
                        "focal_gamma": 0.0, "max_boxes": 5},
         "two_tower": {"lr": 0.0005, "steps": 400, "eval_every": 100, "max_boxes": 5, "swap_negatives": 0.0},
+        "word_detector": {"steps": 600, "eval_every": 100, "swap_negatives": 0.0},
     })
     best_params: bool = False  # apply the tuned values (tune.output, written by `mmrecall tune`) to overrides.<tune model>
 

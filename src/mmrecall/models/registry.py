@@ -14,8 +14,14 @@ from ..config import ParamsError, TrainParams
 from .mcan import MCAN, MCANConfig
 from .two_tower import TwoTower, TwoTowerConfig
 from .visualbert import VisualBERT, VisualBERTConfig
+from .word_detector import WordDetector, WordDetectorConfig
 
-MODELS = {"mcan": (MCAN, MCANConfig), "visualbert": (VisualBERT, VisualBERTConfig), "two_tower": (TwoTower, TwoTowerConfig)}
+MODELS = {
+    "mcan": (MCAN, MCANConfig),
+    "visualbert": (VisualBERT, VisualBERTConfig),
+    "two_tower": (TwoTower, TwoTowerConfig),
+    "word_detector": (WordDetector, WordDetectorConfig),
+}
 
 
 def model_config(name: str, params: TrainParams):

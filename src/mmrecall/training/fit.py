@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 class TrainSetup:
     """Everything one member's training needs, built once by `build_data`."""
 
-    model_name: str  # mcan, visualbert, two_tower
+    model_name: str  # mcan, visualbert, two_tower, word_detector
     seed: int
     train: TrainParams  # params.train with the model's overrides applied
     config: object  # the model's config dataclass
@@ -103,11 +103,14 @@ def build_data(name: str, seed: int, params: Params) -> TrainSetup:
     if "valid" not in stores:
         raise MissingInputError(f"{params.data.features}/valid: no feature store (run `mmrecall prepare --split valid`)")
     tokenizer = load_tokenizer(cfg.backbone)
-    data = TrainData(train_store, tokenizer, tp, seed, pairwise=name == "two_tower", pools=params.data.pools)
+    pairwise = hasattr(MODELS[name][0], "in_batch_loss")  # trained on positive pairs with its own in-batch loss
+    data = TrainData(train_store, tokenizer, tp, seed, pairwise=pairwise, pools=params.data.pools)
     eval_batches = {split: EvalBatches(store, tokenizer, tp.max_query_len, tp.eval_batch_size, tp.max_boxes,
                                          tp.box_select)
                     for split, store in stores.items()}
     model = build_model(name, cfg)  # after seed_everything: the same seed gives the same initial weights
+    if hasattr(model, "fit_vocabulary"):  # word_detector: a detector for each frequent token of the train queries
+        model.fit_vocabulary(data.tokens.ids, data.tokens.mask)
     module = TrainingModule(name, model, tp, seed, stores["valid"])
     datamodule = MemberDataModule(data, eval_batches["valid"], tp.eval_every)
     return TrainSetup(name, seed, tp, cfg, run_params, stores, eval_batches, module, datamodule)

@@ -1,0 +1,154 @@
+"""Word detectors: a multiple-instance classifier of query words over an image's boxes.
+
+Not one of the winning systems: a project member that checks every word of a query on its own. A box
+MLP maps each box to a code h_b; every word (query token) w has a learned detector vector d_w and bias c_w,
+and the detector's logit on a box is <h_b, d_w> + c_w. An image's score for a query is its best box's
+mean log-probability over the query's distinct words:
+
+    score(q, image) = max_b  mean_{w in q}  log sigmoid(<h_b, d_w> + c_w)
+
+so a candidate with one named value wrong (a near-miss: "red dress" shown a blue dress) loses that word's
+log-probability, and a clutter box that shows only the colour does not stand in for the product.
+
+Training is multi-label: each positive image of a batch should fire the words of its query and not the
+other words of the batch (the batch's union of words; a quarter of the batch are the TF-IDF neighbours
+of other rows, so those words are the hard ones). The image-level logit of a word pools its box logits
+with a log-mean-exp, so the loss does not need to know which box is the product.
+
+Words are WordPiece tokens of the backbone's tokenizer (its [CLS] / [SEP] and padding are skipped); the
+`max_words - 1` most frequent tokens of the train queries get a detector (`fit_vocabulary`), row 0 of
+the table stands for any other token, which counts as no word at all.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backbone import SHIPPED, load_backbone_config
+from .image_input import FEAT_DIM, RankerOutput, feature_norm, masked_fill, on_real_boxes
+
+UNKNOWN = 0  # detector row of tokens without a detector of their own
+
+
+@dataclass
+class WordDetectorConfig:
+    hidden: int = 512  # box code size (the box MLP's width)
+    layers: int = 2  # ReLU layers of the box MLP
+    dropout: float = 0.3  # after the box MLP's first layer
+    max_words: int = 4096  # detector rows: the most frequent train tokens (row 0: any other token)
+    feature_norm: bool = True  # LayerNorm on the 2048-d ROI features (see image_input.feature_norm)
+    backbone: str = SHIPPED  # the tokenizer whose token ids name the words
+
+
+def query_words(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """(B, T) True at the real tokens between the first ([CLS] / <s>) and the last ([SEP] / </s>)."""
+    mask = attention_mask.bool()
+    position = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+    last = mask.sum(1, keepdim=True) - 1  # (B, 1)
+    return mask & (position > 0) & (position < last)
+
+
+def first_occurrence(rows: Tensor, valid: Tensor) -> Tensor:
+    """(B, T) `valid` with later repeats of a row's word turned off (each word counts once per query)."""
+    same = (rows[:, :, None] == rows[:, None, :]) & valid[:, None, :]  # (B, T, T): position s holds t's word
+    earlier = torch.ones(rows.shape[1], rows.shape[1], dtype=torch.bool, device=rows.device).tril(-1)  # s < t
+    return valid & ~(same & earlier).any(-1)
+
+
+class BoxEncoder(nn.Module):
+    """ROI feature -> box code h_b: LayerNorm, then `layers` Linear + ReLU (dropout after the first)."""
+
+    def __init__(self, cfg: WordDetectorConfig):
+        super().__init__()
+        self.feature_norm = feature_norm(cfg.feature_norm)
+        blocks: list[nn.Module] = []
+        width = FEAT_DIM
+        for i in range(cfg.layers):
+            blocks += [nn.Linear(width, cfg.hidden), nn.ReLU()]
+            if i == 0 and cfg.dropout:
+                blocks.append(nn.Dropout(cfg.dropout))
+            width = cfg.hidden
+        self.mlp = nn.Sequential(*blocks)
+
+    def forward(self, img_feat: Tensor, img_mask: Tensor) -> Tensor:
+        return on_real_boxes(lambda x: self.mlp(self.feature_norm(x)), img_mask, img_feat)  # (B, N, H)
+
+
+class WordDetector(nn.Module):
+    def __init__(self, cfg: WordDetectorConfig, token_vocab_size: int):
+        super().__init__()
+        if cfg.max_words < 2:
+            raise ValueError(f"word_detector max_words must be at least 2, got {cfg.max_words}")
+        self.cfg = cfg
+        self.boxes = BoxEncoder(cfg)
+        self.detectors = nn.Embedding(cfg.max_words, cfg.hidden)
+        self.bias = nn.Embedding(cfg.max_words, 1)
+        bound = 1.0 / math.sqrt(cfg.hidden)  # as an nn.Linear(hidden, words) read-out
+        nn.init.uniform_(self.detectors.weight, -bound, bound)
+        nn.init.zeros_(self.bias.weight)
+        # token id -> detector row; all UNKNOWN until fit_vocabulary (saved with the weights)
+        self.register_buffer("word_row", torch.zeros(token_vocab_size, dtype=torch.long))
+
+    @classmethod
+    def from_config(cls, cfg: WordDetectorConfig) -> WordDetector:
+        return cls(cfg, load_backbone_config(cfg.backbone).vocab_size)
+
+    @property
+    def fused_dim(self) -> int:
+        return self.cfg.hidden
+
+    def pretrained_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    @property
+    def vocabulary_size(self) -> int:
+        """Tokens with a detector of their own."""
+        return int((self.word_row != UNKNOWN).sum())
+
+    def fit_vocabulary(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
+        """Give the `max_words - 1` most frequent tokens of these queries (Q, T) a detector row each
+        (ties: the smaller token id), once per query text."""
+        words = query_words(torch.from_numpy(input_ids), torch.from_numpy(attention_mask)).numpy()
+        counts = Counter(int(t) for q, keep in zip(input_ids, words) for t in set(q[keep].tolist()))
+        kept = sorted(counts, key=lambda t: (-counts[t], t))[: self.cfg.max_words - 1]
+        self.word_row.zero_()
+        self.word_row[torch.tensor(sorted(kept), dtype=torch.long)] = torch.arange(1, len(kept) + 1)
+
+    def words(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(B, T) detector row of each query token and (B, T) True at each distinct known word."""
+        rows = self.word_row[batch["input_ids"]]
+        valid = query_words(batch["input_ids"], batch["attention_mask"]) & (rows != UNKNOWN)
+        return rows, first_occurrence(rows, valid)
+
+    def in_batch_loss(self, batch: dict[str, Tensor], query: Tensor | None = None,
+                      swapped: dict[str, Tensor] | None = None) -> Tensor:
+        """Multi-label BCE of each positive image against the batch's words: its query's are 1, the rest 0.
+        (`query` and `swapped` are not needed: two rows of one query have the same targets.)"""
+        rows, valid = self.words(batch)
+        vocab, inverse = torch.unique(rows[valid], return_inverse=True)  # (U,) the batch's words
+        target = torch.zeros(len(rows), len(vocab), device=rows.device)  # (B, U)
+        target[valid.nonzero()[:, 0], inverse] = 1.0
+        h = self.boxes(batch["img_feat"], batch["img_mask"])  # (B, N, H)
+        logits = h @ self.detectors(vocab).T + self.bias(vocab).T  # (B, N, U)
+        mask = batch["img_mask"].bool()
+        logits = logits.masked_fill(~mask[..., None], float("-inf"))
+        image = torch.logsumexp(logits, dim=1) - torch.log(mask.sum(1, keepdim=True).clamp(min=1))  # (B, U) log-mean-exp
+        return F.binary_cross_entropy_with_logits(image, target)
+
+    def forward(self, batch: dict[str, Tensor]) -> RankerOutput:
+        rows, valid = self.words(batch)
+        h = self.boxes(batch["img_feat"], batch["img_mask"])  # (B, N, H)
+        word_logits = torch.einsum("bnh,bth->bnt", h, self.detectors(rows)) + self.bias(rows).squeeze(-1)[:, None, :]
+        log_p = F.logsigmoid(word_logits) * valid[:, None, :]  # (B, N, T)
+        per_box = log_p.sum(-1) / valid.sum(-1, keepdim=True).clamp(min=1)  # (B, N) mean over the query's words
+        per_box = masked_fill(per_box, batch["img_mask"])
+        score, best = per_box.max(dim=1)  # (B,)
+        fused = h[torch.arange(len(h), device=h.device), best]  # (B, H) the best box's code
+        return RankerOutput(logits=score, fused=fused)

@@ -1,0 +1,153 @@
+"""The word-detector member: its vocabulary, masks, score and loss on tiny configs; one real training."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmrecall.models.backbone import load_tokenizer
+from mmrecall.models.word_detector import UNKNOWN, WordDetector, WordDetectorConfig, first_occurrence, query_words
+from mmrecall.ranking import members
+
+from .test_models import QUERIES, make_batch
+
+TINY = WordDetectorConfig(hidden=16, layers=2, dropout=0.0, max_words=64)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+def detector(tokenizer, texts=QUERIES, **kw) -> WordDetector:
+    torch.manual_seed(0)
+    model = WordDetector(WordDetectorConfig(**{**vars(TINY), **kw}), tokenizer.vocab_size)
+    enc = tokenizer(texts, padding=True, return_tensors="np")
+    model.fit_vocabulary(enc["input_ids"], enc["attention_mask"])
+    return model.eval()
+
+
+def test_query_words_skip_special_tokens_and_padding(tokenizer):
+    enc = tokenizer(["red dress", "a red cotton dress"], padding=True, return_tensors="pt")
+    words = query_words(enc["input_ids"], enc["attention_mask"])
+    picked = [tokenizer.convert_ids_to_tokens(ids[keep].tolist()) for ids, keep in zip(enc["input_ids"], words)]
+    assert picked == [["red", "dress"], ["a", "red", "cotton", "dress"]]
+
+
+def test_repeated_words_count_once():
+    rows = torch.tensor([[5, 7, 5, 0, 7]])
+    valid = torch.tensor([[True, True, True, False, True]])
+    assert first_occurrence(rows, valid).tolist() == [[True, True, False, False, False]]
+
+
+def test_vocabulary_keeps_the_most_frequent_words(tokenizer):
+    texts = ["red dress", "red skirt", "blue dress", "red hat"]
+    model = detector(tokenizer, texts, max_words=3)  # 2 detector rows besides UNKNOWN
+    ids = {w: tokenizer.convert_tokens_to_ids(w) for w in ("red", "dress", "blue", "skirt", "hat")}
+    assert model.vocabulary_size == 2
+    assert (model.word_row[[ids["red"], ids["dress"]]] != UNKNOWN).all()
+    assert (model.word_row[[ids["blue"], ids["skirt"], ids["hat"]]] == UNKNOWN).all()
+    assert model.word_row[tokenizer.cls_token_id] == UNKNOWN and model.word_row[tokenizer.sep_token_id] == UNKNOWN
+
+
+def test_shapes_and_padding_invariance(tokenizer):
+    model = detector(tokenizer)
+    with torch.no_grad():
+        ref = model(make_batch(tokenizer))
+        assert ref.logits.shape == (len(QUERIES),) and ref.fused.shape == (len(QUERIES), model.fused_dim)
+        assert torch.isfinite(ref.logits).all() and (ref.logits <= 0).all()  # a mean log-probability
+        padded = make_batch(tokenizer, text_pad=4, box_pad=6)
+        torch.testing.assert_close(model(padded).logits, ref.logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(padded).fused, ref.fused, atol=1e-5, rtol=0)
+        padded["img_mask"] = torch.ones_like(padded["img_mask"])  # the garbage boxes now count
+        assert not torch.allclose(model(padded).logits, ref.logits, atol=1e-4)
+
+
+def test_score_is_the_best_box_mean_word_log_probability(tokenizer):
+    model = detector(tokenizer)
+    batch = make_batch(tokenizer)
+    with torch.no_grad():
+        out = model(batch)
+        h = model.boxes(batch["img_feat"], batch["img_mask"])
+        for b, text in enumerate(QUERIES):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            rows = sorted({int(model.word_row[i]) for i in ids} - {UNKNOWN})
+            n = int(batch["img_mask"][b].sum())
+            logits = h[b, :n] @ model.detectors.weight[rows].T + model.bias.weight[rows].T  # (n, words)
+            expected = F.logsigmoid(logits).mean(-1).max()
+            assert out.logits[b].item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_unknown_words_do_not_count(tokenizer):
+    model = detector(tokenizer, ["red dress"])
+    batch = make_batch(tokenizer)
+    with torch.no_grad():
+        known = model({**batch, **tokenizer(["red dress"] * 3, return_tensors="pt")}).logits
+        extra = model({**batch, **tokenizer(["red zebra dress"] * 3, return_tensors="pt")}).logits
+    torch.testing.assert_close(known, extra)
+
+
+def test_in_batch_loss_learns_the_words(tokenizer):
+    """A few steps on two looks for two queries: each image then scores its own query higher."""
+    texts = ["red dress", "blue hat"]
+    model = detector(tokenizer, texts).train()
+    g = torch.Generator().manual_seed(0)
+    looks = torch.rand(2, 2048, generator=g)
+    batch = {**tokenizer(texts, return_tensors="pt"),
+             "img_feat": looks[:, None, :] + 0.01 * torch.rand(2, 3, 2048, generator=g),
+             "img_mask": torch.tensor([[True, True, False], [True, True, True]])}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(30):
+        loss = model.in_batch_loss(batch)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first / 4
+    model.eval()
+    with torch.no_grad():
+        swapped = {**batch, **tokenizer(texts[::-1], return_tensors="pt")}
+        assert (model(batch).logits > model(swapped).logits).all()
+
+
+@pytest.mark.slow
+def test_trained_member_round_trips(workdir):
+    """The train stage fits the vocabulary on the train queries; the checkpoint keeps it and scores the same."""
+    from mmrecall.stages import train as train_stage
+
+    assert train_stage.main(["--model", "word_detector", "--seed", "3", "--no-progress"]) == 0
+    result = json.loads((workdir / "metrics" / "train" / "word_detector-seed3.json").read_text())
+    assert 0 <= result["valid"]["ndcg_at_5"] <= 1
+    member = members.load(workdir / "models" / "word_detector" / "seed3" / "model.pt")
+    assert member.name == "word_detector" and 0 < member.model.vocabulary_size <= 64
+    from mmrecall.data.store import FeatureStore
+
+    table, fused = members.score(member, FeatureStore.open(workdir / "features" / "valid"))
+    saved = pd.read_parquet(workdir / "outputs" / "word_detector-seed3" / "valid.parquet")
+    np.testing.assert_allclose(table.score.to_numpy(), saved.score.to_numpy(), atol=1e-5)
+    assert fused.shape == (len(saved), 16)
+
+
+@pytest.fixture
+def workdir(micro_copy, monkeypatch):
+    import yaml
+
+    from mmrecall.stages import pools, prepare
+
+    from .test_train import TINY as TRAIN
+
+    root = micro_copy.parent
+    monkeypatch.chdir(root)
+    train = {**TRAIN, "models": ["word_detector"], "word_detector": {"hidden": 16, "max_words": 64},
+             "overrides": {"word_detector": {"swap_negatives": 0.0}}}
+    (root / "params.yaml").write_text(yaml.safe_dump({"prepare": {"workers": 1}, "train": train}))
+    for split in ("train", "valid", "testA"):
+        prepare.main(["--split", split, "--no-progress"])
+    pools.main([])
+    return root
