@@ -104,11 +104,11 @@ class TrainParams:
     steps: int = 1000  # optimizer steps per member (sized for the 15-minute make repro)
     eval_every: int = 100  # valid NDCG@5 (and a checkpoint) every N steps
     patience: int = 0  # stop after this many evaluations without a better valid NDCG@5 (0 = run all steps)
-    batch_size: int = 128  # triples (query, positive, negative); pairs for the two-tower
+    batch_size: int = 128  # triples (query, positive, negative); pairs for the in-batch losses
     negatives: int = 10  # hard negatives per positive in the TF-IDF pool sampler (1st place: 10)
     random_negatives: float = 0.5  # share of those negatives drawn from any other query (1st place: 0)
     swap_negatives: float = 0.25  # share of negatives: the positive image under its query with one word swapped (1st place: 0)
-    in_batch_neighbours: float = 0.25  # two-tower: share of a batch drawn from the pools of the other rows
+    in_batch_neighbours: float = 0.25  # two-tower, word detectors: share of a batch drawn from the pools of the other rows
     lr: float = 1.0e-3
     backbone_lr: float | None = None  # lr of the pretrained backbone weights (None = lr)
     weight_decay: float = 0.01
@@ -465,7 +465,7 @@ def _merge(base, overlay, path: tuple[str, ...] = ()) -> None:
 def apply_overlay(overlay: str | os.PathLike, params: str | os.PathLike = PARAMS_FILE) -> Params:
     """Merge the YAML file `overlay` into `params` (keeping both files' comments); returns the result.
 
-    Sections merge key by key, except the model sections (train.mcan / visualbert / two_tower) and each
+    Sections merge key by key, except the model sections (train.mcan / visualbert / two_tower / word_detector) and each
     train.overrides.<model>: the overlay's mapping replaces the one in params.yaml whole. The merged
     file is validated before it is written, so a bad overlay leaves params.yaml as it was.
     """

@@ -6,7 +6,7 @@ A batch is a dict of tensors that every model accepts (each ignores what it does
   img_label (B, N), img_mask (B, N) True = real box  largest box count in the batch
 
 Training batches (`TrainBatches`) hold (query, positive, hard negative) triples as {"pos": batch, "neg": batch},
-or, for the two-tower's in-batch loss, positive pairs as {"pos": batch, "query": (B,) query index}; what an
+or, for a model with an in-batch loss (two-tower, word detectors), positive pairs as {"pos": batch, "query": (B,) query index}; what an
 epoch's batches hold depends only on (seed, epoch, rank). With `train.swap_negatives` > 0 a share of the
 negatives are word swaps (data/swaps.py): in "neg", the positive image under its query with one word swapped;
 for the two-tower, the swapped texts as "swapped": {input_ids, attention_mask}, negatives of every image.
@@ -150,7 +150,7 @@ class TrainBatches(IterableDataset):
         d = self.data
         rng = np.random.default_rng([d.seed, self.epoch, self.rank])
         B = d.params.batch_size
-        if d.pairwise:  # two-tower: positive pairs, the batch supplies the negatives
+        if d.pairwise:  # two-tower, word detectors: positive pairs, the batch supplies the negatives
             n_near = round(B * d.params.in_batch_neighbours)
             n_anchor = B - n_near
             anchors = np.resize(rng.permutation(len(d.store)), self.n_batches * n_anchor)  # each row once per pass

@@ -12,7 +12,8 @@ runs the first three only.
 
 - Data: train rows grouped by cleaned query text; the 1st place's TF-IDF similar-query hard negatives
   (pools from the `pools` stage, padded with random queries from the member's seed), re-drawn every "epoch" (= `eval_every` steps) from a seed that depends only on (seed, epoch); the
-  two-tower trains on positive pairs with the solo team's in-batch loss, a share of each of its batches
+  two-tower (the solo team's in-batch loss) and the word detectors (their multi-label loss) train on positive
+  pairs, a share of each of their batches
   (`in_batch_neighbours`) being rows of TF-IDF pool neighbours of the other rows: hard in-batch negatives.
 - Lightning Trainer (cpu by default; devices / strategy / precision from params). Valid NDCG@5 every
   `eval_every` steps; the best checkpoint by valid NDCG@5 is kept. An interrupted run resumes from its

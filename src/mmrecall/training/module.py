@@ -1,7 +1,7 @@
 """The Lightning pieces of one member's training: the module (loss, optimizer, validation) and its data.
 
 - `TrainingModule` wraps one model: pointwise focal loss on (query, positive) and (query, negative) pairs
-  (the 1st place), or the model's in-batch loss on positive pairs (the two-tower); AdamW with the
+  (the 1st place), or the model's in-batch loss on positive pairs (two-tower, word detectors); AdamW with the
   pretrained backbone at its own lr; the sine wave with linear warmup, stepped every optimizer step.
   Valid NDCG@5 is computed after every validation pass and logged to the active MLflow run.
 - `MemberDataModule` gives Lightning one "epoch" of `eval_every` training batches at a time, re-drawn
@@ -55,7 +55,7 @@ class MemberDataModule(L.LightningDataModule):
 
 
 class TrainingModule(L.LightningModule):
-    """Wraps one model: focal loss on positive/negative pairs, or the in-batch loss (two-tower)."""
+    """Wraps one model: focal loss on positive/negative pairs, or the model's in-batch loss (two-tower, word detectors)."""
 
     def __init__(self, name: str, model: nn.Module, params: TrainParams, seed: int, valid: FeatureStore | None = None):
         super().__init__()
