@@ -22,8 +22,10 @@ from mmrecall.config import PrepareParams, RerankParams, SmoothParams, load_para
 from mmrecall.data.ingest import ingest_tsv
 from mmrecall.errors import MissingLoggedMemberError
 from mmrecall.data.store import FeatureStore
+from mmrecall.models.backbone import load_tokenizer
 from mmrecall.models.mcan import MCAN, MCANConfig
-from mmrecall.ranking import members, reranker
+from mmrecall.models.word_detector import WordDetector, WordDetectorConfig
+from mmrecall.ranking import members, outputs, reranker
 from mmrecall.ranking.ensemble import ensemble_scores, learn_weights, learn_weights_oof
 from mmrecall.ranking.ranker import CandidateTableError, Ranker, candidate_store, read_candidates
 from mmrecall.ranking.smoothing import smooth_features, smooth_pool, smoothed_store
@@ -169,7 +171,8 @@ TINY_MCAN = dict(hidden=32, heads=4, ff=64, layers=1, flat_mlp=32, flat_out=32, 
 
 @pytest.fixture(scope="module")
 def ranker_repo(tmp_path_factory, micro_data):
-    """Micro data prepared, two random-weight tiny MCAN members scored, the re-ranker fitted."""
+    """Micro data prepared, random-weight tiny MCAN and word detector members (two seeds each) scored, the
+    re-ranker fitted."""
     import shutil
 
     import torch
@@ -179,7 +182,7 @@ def ranker_repo(tmp_path_factory, micro_data):
     old = Path.cwd()
     os.chdir(root)
     try:
-        params = {"prepare": {"workers": 1}, "train": {"models": ["mcan"], "seeds": [1, 2]},
+        params = {"prepare": {"workers": 1}, "train": {"models": ["mcan", "word_detector"], "seeds": [1, 2]},
                   "rerank": {"members": None, "folds": 4, "pca_dims": 2,
                              "lgbm": {"min_data_in_leaf": 5, "num_boost_round": 50, "early_stopping_rounds": 10}},
                   "smooth": {"members": None}}
@@ -187,19 +190,21 @@ def ranker_repo(tmp_path_factory, micro_data):
         for split in ("train", "valid", "testA"):
             prepare.main(["--split", split, "--no-progress"])
         p = load_params()
+        train_store = FeatureStore.open(Path("features") / "train")
+        tokens = load_tokenizer()(train_store.rows.query_clean.tolist(), padding=True, return_tensors="np")
         for seed in (1, 2):
             torch.manual_seed(seed)
-            cfg = MCANConfig(**TINY_MCAN)
-            path = members.checkpoint_path(f"mcan-seed{seed}")
-            members.save(path, "mcan", cfg, MCAN.from_config(cfg).eval(),
-                        {"seed": seed, "train": {"max_query_len": 16, "max_boxes": 10, "eval_batch_size": 128}})
-            m = members.load(path)
-            for split in ("valid", "testA"):
-                table, fused = members.score(m, FeatureStore.open(Path("features") / split))
-                out = Path("outputs") / f"mcan-seed{seed}"
-                out.mkdir(parents=True, exist_ok=True)
-                table.to_parquet(out / f"{split}.parquet", index=False)
-                np.save(out / f"{split}_fused.npy", fused)
+            mcan_cfg, wd_cfg = MCANConfig(**TINY_MCAN), WordDetectorConfig(hidden=16, max_words=64)
+            detector = WordDetector.from_config(wd_cfg)
+            detector.fit_vocabulary(tokens["input_ids"], tokens["attention_mask"])
+            for name, cfg, model in (("mcan", mcan_cfg, MCAN.from_config(mcan_cfg)), ("word_detector", wd_cfg, detector)):
+                path = members.checkpoint_path(f"{name}-seed{seed}")
+                members.save(path, name, cfg, model.eval(),
+                             {"seed": seed, "train": {"max_query_len": 16, "max_boxes": 10, "eval_batch_size": 128}})
+                m = members.load(path)
+                for split in ("valid", "testA"):
+                    table, fused = members.score(m, FeatureStore.open(Path("features") / split))
+                    outputs.write("outputs", f"{name}-seed{seed}", split, table, fused)
         report = rerank.run(p)
         yield root, p, report
     finally:
@@ -216,7 +221,10 @@ def in_repo(ranker_repo, monkeypatch):
 def test_rerank_outputs_and_ranker_reproduces_them(in_repo):
     root, params, report = in_repo
     spec = json.loads((root / "models" / "rerank" / "spec.json").read_text())
-    assert spec["members"] == ["mcan-seed1", "mcan-seed2"] and len(list((root / "models" / "rerank").glob("booster_fold*.txt"))) == 4
+    assert spec["members"] == ["mcan-seed1", "mcan-seed2", "word_detector-seed1", "word_detector-seed2"]
+    assert len(list((root / "models" / "rerank").glob("booster_fold*.txt"))) == 4
+    names = spec["names"]
+    assert {"word_detector-seed1.word_min", "word_detector-seed1.word_min.rank"} <= set(names)  # its details
     assert 0 <= report["rerank"]["valid"]["ndcg_at_5"] <= 1
     ranker = Ranker.load({"rerank": "models/rerank", **{f"member.{m}": str(members.checkpoint_path(m)) for m in spec["members"]}})
     table = read_candidates(root / "data" / "testA" / "testA.tsv")
@@ -281,7 +289,7 @@ def log_members(names: list[str]) -> dict[str, tracking.LoggedMember]:
 @pytest.mark.slow
 def test_register_predict_cli_and_serve(in_repo, tmp_path, mlflow_store):
     root, params, _ = in_repo
-    names = ["mcan-seed1", "mcan-seed2"]
+    names = ["mcan-seed1", "mcan-seed2", "word_detector-seed1", "word_detector-seed2"]
     logged = log_members(names)
     first = register.run(params)  # no metrics/train here: the members are found by name and data hash
     assert first["moved"] and first["champion"] == first["version"]
@@ -355,7 +363,7 @@ def test_register_predict_cli_and_serve(in_repo, tmp_path, mlflow_store):
 @pytest.mark.slow
 def test_register_names_a_member_whose_logged_checkpoint_is_missing(in_repo, capsys):
     root, params, _ = in_repo
-    logged = log_members(["mcan-seed1", "mcan-seed2"])
+    logged = log_members(["mcan-seed1", "mcan-seed2", "word_detector-seed1", "word_detector-seed2"])
     found = logged["mcan-seed2"]
     location = mlflow.MlflowClient().get_logged_model(found.model_id).artifact_location
     (Path(location.removeprefix("file://")) / "artifacts" / tracking.CHECKPOINT_FILE).unlink()  # lost in the store

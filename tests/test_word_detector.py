@@ -83,6 +83,28 @@ def test_score_is_the_best_box_mean_word_log_probability(tokenizer):
             assert out.logits[b].item() == pytest.approx(expected.item(), abs=1e-5)
 
 
+def test_details_name_the_weak_and_strong_words(tokenizer):
+    """The re-ranker's word features, against a direct computation from the detector weights."""
+    model = detector(tokenizer)
+    batch = make_batch(tokenizer)
+    with torch.no_grad():
+        details = model(batch).details
+        h = model.boxes(batch["img_feat"], batch["img_mask"])
+        for b, text in enumerate(QUERIES):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            rows = sorted({int(model.word_row[i]) for i in ids} - {UNKNOWN})
+            n = int(batch["img_mask"][b].sum())
+            log_p = F.logsigmoid(h[b, :n] @ model.detectors.weight[rows].T + model.bias.weight[rows].T)  # (n, words)
+            at_best = log_p[log_p.mean(-1).argmax()].sort().values
+            own = log_p.max(0).values
+            expected = {"word_min": at_best[0], "word_second": at_best[min(1, len(rows) - 1)], "word_max": at_best[-1],
+                        "word_min_own_box": own.min(), "word_mean_own_box": own.mean()}
+            for name, value in expected.items():
+                assert details[name][b].item() == pytest.approx(value.item(), abs=1e-5), (name, text)
+        unknown = model({**batch, **tokenizer(["zebra giraffe"] * len(QUERIES), return_tensors="pt")}).details
+    assert all((value == 0).all() for value in unknown.values())  # no known word: zeros, as the score
+
+
 def test_unknown_words_do_not_count(tokenizer):
     model = detector(tokenizer, ["red dress"])
     batch = make_batch(tokenizer)
@@ -132,6 +154,9 @@ def test_trained_member_round_trips(workdir):
     saved = pd.read_parquet(workdir / "outputs" / "word_detector-seed3" / "valid.parquet")
     np.testing.assert_allclose(table.score.to_numpy(), saved.score.to_numpy(), atol=1e-5)
     assert fused.shape == (len(saved), 16)
+    details = [c for c in saved.columns if c.startswith("word_")]  # the train stage saves the details too
+    assert len(details) == 5 and list(table.columns) == list(saved.columns)
+    np.testing.assert_allclose(table[details].to_numpy(), saved[details].to_numpy(), atol=1e-5)
 
 
 @pytest.fixture

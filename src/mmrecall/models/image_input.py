@@ -5,7 +5,7 @@ Masks follow the batch convention everywhere: True (or 1) marks a real token / b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,7 @@ class RankerOutput:
 
     logits: Tensor  # (B,)
     fused: Tensor  # (B, D), the features handed to the LightGBM re-ranker
+    details: dict[str, Tensor] = field(default_factory=dict)  # name -> (B,): more numbers for the re-ranker
 
 
 def mask_value(dtype: torch.dtype) -> float:

@@ -62,6 +62,25 @@ def first_occurrence(rows: Tensor, valid: Tensor) -> Tensor:
     return valid & ~(same & earlier).any(-1)
 
 
+def word_details(best_box: Tensor, own_box: Tensor, valid: Tensor) -> dict[str, Tensor]:
+    """The re-ranker's view of a candidate's words, from (B, T) word log-probabilities at the best box and
+    at each word's own best box: the weakest, second weakest and strongest word at the best box, the
+    weakest and the mean at their own boxes. (The score is a mean: a near-miss shows as one weak word.)
+    A query without known words gets zeros, as its score."""
+    n = valid.sum(-1)  # (B,)
+    ascending = best_box.masked_fill(~valid, float("inf")).sort(-1).values  # (B, T) weakest first, padding last
+    weakest = ascending[:, 0]
+    second = torch.where(n > 1, ascending[:, min(1, ascending.shape[1] - 1)], weakest)
+    details = {
+        "word_min": weakest,
+        "word_second": second,
+        "word_max": best_box.masked_fill(~valid, float("-inf")).amax(-1),
+        "word_min_own_box": own_box.masked_fill(~valid, float("inf")).amin(-1),
+        "word_mean_own_box": (own_box * valid).sum(-1) / n.clamp(min=1),
+    }
+    return {name: torch.where(n > 0, value, torch.zeros_like(value)) for name, value in details.items()}
+
+
 class BoxEncoder(nn.Module):
     """ROI feature -> box code h_b: LayerNorm, then `layers` Linear + ReLU (dropout after the first)."""
 
@@ -150,5 +169,7 @@ class WordDetector(nn.Module):
         per_box = log_p.sum(-1) / valid.sum(-1, keepdim=True).clamp(min=1)  # (B, N) mean over the query's words
         per_box = masked_fill(per_box, batch["img_mask"])
         score, best = per_box.max(dim=1)  # (B,)
-        fused = h[torch.arange(len(h), device=h.device), best]  # (B, H) the best box's code
-        return RankerOutput(logits=score, fused=fused)
+        at_best = torch.arange(len(h), device=h.device), best
+        fused = h[at_best]  # (B, H) the best box's code
+        own_box = masked_fill(log_p, batch["img_mask"][..., None]).amax(1)  # (B, T) each word at its own best box
+        return RankerOutput(logits=score, fused=fused, details=word_details(log_p[at_best], own_box, valid))

@@ -1,6 +1,8 @@
 """The re-ranker's features per (query, candidate) row, from member outputs and the feature store.
 
 - member scores, their per-query rank / z-score / gap to the query's best, the ensemble probability;
+- each member's details (RankerOutput.details, e.g. the word detector's weakest word), with the same
+  per-query rank / z-score / gap;
 - the first `pca_dims` principal components of each member's fused vector (PCA fitted on the fused
   vectors of every evaluation split: unsupervised, no labels; one member at a time, in chunks of rows);
 - candidate features: num_boxes, kept boxes, image size, box area / aspect statistics, label histogram
@@ -14,6 +16,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -166,6 +169,14 @@ def project(fused: np.ndarray, mean: np.ndarray, comps: np.ndarray) -> np.ndarra
     return out
 
 
+class MemberOutput(NamedTuple):
+    """What the re-ranker reads of one member on one split, row by row."""
+
+    logits: np.ndarray  # (rows,)
+    components: np.ndarray | None  # (rows, pca_dims): principal components of its fused vectors (`project`)
+    details: dict[str, np.ndarray] | None = None  # name -> (rows,): its score table's extra columns
+
+
 @dataclass
 class FeatureSpec:
     """What turns member outputs + a store into the re-ranker's matrix (saved with the boosters)."""
@@ -178,29 +189,34 @@ class FeatureSpec:
 
 def build_features(
     store: FeatureStore,
-    outputs: dict[str, tuple[np.ndarray, np.ndarray | None]],
+    outputs: dict[str, MemberOutput],
     spec: FeatureSpec,
     counts: pd.Series,
     ensemble: np.ndarray | None = None,
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """(feature matrix, ensemble probability) of every store row.
 
-    `outputs`: member -> (logits, principal components of its fused vectors (`project`); None without PCA).
+    `outputs`: member -> its MemberOutput (components None without PCA).
     `ensemble`: the rows' ensemble probability when the caller has it (valid's out-of-fold one);
     otherwise the weighted sum with `spec.ensemble_weights`.
     """
     groups = store.rows.query_id.to_numpy()
     cols: dict[str, np.ndarray] = {}
-    scores = {m: np.asarray(outputs[m][0], np.float64) for m in spec.members}
+    member = {m: MemberOutput(*outputs[m]) for m in spec.members}
+    scores = {m: np.asarray(member[m].logits, np.float64) for m in spec.members}
     ens = ensemble_scores(scores, spec.ensemble_weights) if ensemble is None else ensemble
     for m in spec.members:
         cols[f"{m}.score"] = scores[m]
         for key, value in per_query(scores[m], groups).items():
             cols[f"{m}.{key}"] = value
         if spec.pca_dims:
-            proj = outputs[m][1]
+            proj = member[m].components
             for j in range(proj.shape[1]):
                 cols[f"{m}.pc{j}"] = proj[:, j]
+        for name, detail in (member[m].details or {}).items():
+            cols[f"{m}.{name}"] = np.asarray(detail, np.float64)
+            for key, value in per_query(cols[f"{m}.{name}"], groups).items():
+                cols[f"{m}.{name}.{key}"] = value
     cols["ensemble"] = ens
     for key, value in per_query(ens, groups).items():
         cols[f"ensemble.{key}"] = value

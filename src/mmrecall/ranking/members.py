@@ -108,17 +108,21 @@ def load(path: str | Path, backbone: str | None = None, accelerator: str | None 
 @torch.no_grad()
 def score_batches(model: nn.Module, batches: EvalBatches, device: torch.device = CPU,
                   precision: str = "32-true") -> tuple[pd.DataFrame, np.ndarray]:
-    """Score table (query_id, product_id, score) and the fused vectors (float16) of every row, on `device`."""
+    """Score table (query_id, product_id, score, then the model's `details` columns) and the fused vectors
+    (float16) of every row, on `device`."""
     if model.training or next(model.parameters()).device != device:  # each walks every module: ~2 ms a call
         model.eval().to(device)
-    logits, fused = [], []
+    logits, fused, details = [], [], {}
     with autocast(device, precision):
         for batch in batches:
             out = model({key: value.to(device, non_blocking=True) for key, value in batch.items()})
             logits.append(out.logits.float().cpu().numpy())
             fused.append(out.fused.float().cpu().numpy().astype(np.float16))
+            for name, value in out.details.items():
+                details.setdefault(name, []).append(value.float().cpu().numpy())
     rows = batches.store.rows
-    table = pd.DataFrame({"query_id": rows.query_id, "product_id": rows.product_id, "score": np.concatenate(logits)})
+    table = pd.DataFrame({"query_id": rows.query_id, "product_id": rows.product_id, "score": np.concatenate(logits),
+                          **{name: np.concatenate(parts) for name, parts in details.items()}})
     return table, np.concatenate(fused)
 
 

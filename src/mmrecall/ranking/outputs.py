@@ -1,6 +1,8 @@
 """Score outputs on disk: the one module that reads and writes them.
 
-    outputs/<name>/<split>.parquet       score table (query_id, product_id, score), rows in feature-store order
+    outputs/<name>/<split>.parquet       score table (query_id, product_id, score), rows in feature-store order;
+                                         a member may add columns of its own (RankerOutput.details), which
+                                         the re-ranker reads as features
     outputs/<name>/<split>_fused.npy     float16 (rows, D): the vector behind each score (members only),
                                          what the LightGBM re-ranker projects with PCA
 
@@ -67,8 +69,18 @@ def read_tables(outputs_dir: str | Path, name: str, splits) -> dict[str, pd.Data
     return {s: read_score_table(table_path(outputs_dir, name, s)) for s in splits if exists(outputs_dir, name, s)}
 
 
-def read_member(outputs_dir: str | Path, name: str, split: str, store: FeatureStore) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, fused) of a member on a split, checked row by row against the split's feature store (fused memory-mapped)."""
+SCORE_COLUMNS = ("query_id", "product_id", "score")
+
+
+def table_details(table: pd.DataFrame) -> dict[str, np.ndarray]:
+    """A member's details: the columns of its score table after (query_id, product_id, score), by name."""
+    return {c: table[c].to_numpy() for c in table.columns if c not in SCORE_COLUMNS}
+
+
+def read_member(outputs_dir: str | Path, name: str, split: str,
+                store: FeatureStore) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """(logits, fused, details) of a member on a split, checked row by row against the split's feature store
+    (fused memory-mapped; details: the table's columns after the score, by name)."""
     path = table_path(outputs_dir, name, split)
     if not path.exists():
         raise MissingInputError(f"{path}: no score table for member {name!r} (params rerank.members; "
@@ -81,4 +93,4 @@ def read_member(outputs_dir: str | Path, name: str, split: str, store: FeatureSt
         and (table.product_id.to_numpy() == rows.product_id.to_numpy()).all()
     ):
         raise UserError(f"{path}: rows do not match the feature store of {split} (re-run the member's stage)")
-    return table.score.to_numpy(), fused
+    return table.score.to_numpy(), fused, table_details(table)

@@ -29,7 +29,7 @@ from ..data.store import FeatureStore
 from ..errors import MissingInputError, UserError
 from . import outputs
 from .ensemble import learn_weights, learn_weights_oof
-from .features import FeatureSpec, build_features, fit_pca, project
+from .features import FeatureSpec, MemberOutput, build_features, fit_pca, project
 
 MODEL_DIR = Path("models") / "rerank"
 SPEC, PCA, COUNTS = "spec.json", "pca.npz", "counts.parquet"
@@ -125,7 +125,7 @@ class Variant:
 
 def read_members(outputs_dir: Path, folders: list[str], names: list[str], stores: dict[str, FeatureStore],
                  pca_dims: int) -> tuple[dict[str, dict], dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """({split: {member: (logits, principal components or None)}}, {member: (mean, components)}).
+    """({split: {member: MemberOutput}}, {member: (mean, components)}).
 
     One member at a time: its fused vectors (memory-mapped) are read in chunks by the PCA and the
     projection, and only their `pca_dims` components are kept, so memory does not grow with the members.
@@ -135,9 +135,9 @@ def read_members(outputs_dir: Path, folders: list[str], names: list[str], stores
     for name, folder in zip(names, folders):
         member = {s: outputs.read_member(outputs_dir, folder, s, st) for s, st in stores.items()}
         if pca_dims:
-            pca[name] = fit_pca([fused for _, fused in member.values()], pca_dims)
-        for s, (logits, fused) in member.items():
-            outs[s][name] = (logits, project(fused, *pca[name]) if pca_dims else None)
+            pca[name] = fit_pca([fused for _, fused, _ in member.values()], pca_dims)
+        for s, (logits, fused, details) in member.items():
+            outs[s][name] = MemberOutput(logits, project(fused, *pca[name]) if pca_dims else None, details)
     return outs, pca
 
 
@@ -152,7 +152,7 @@ def fit_variant(params: Params, stores: dict[str, FeatureStore], counts: pd.Seri
     labels, query_ids = labels_of(valid), valid.rows.query_id.to_numpy()
     valid_ensemble = None  # with learned weights: each valid row's from weights fitted on the other folds
     if rp.learn_weights:
-        valid_scores = {m: np.asarray(outs["valid"][m][0], np.float64) for m in names}
+        valid_scores = {m: np.asarray(outs["valid"][m].logits, np.float64) for m in names}
         spec.ensemble_weights = learn_weights(valid_scores, labels)
         valid_ensemble = learn_weights_oof(valid_scores, labels, query_folds(query_ids, rp.folds, rp.seed))
     mats = {s: build_features(st, outs[s], spec, counts, valid_ensemble if s == "valid" else None)
