@@ -20,13 +20,14 @@ import yaml
 from mmrecall import cli, tracking
 from mmrecall.config import PrepareParams, RerankParams, SmoothParams, load_params
 from mmrecall.data.ingest import ingest_tsv
-from mmrecall.errors import MissingLoggedMemberError
+from mmrecall.errors import MissingLoggedMemberError, UserError
 from mmrecall.data.store import FeatureStore
 from mmrecall.models.backbone import load_tokenizer
 from mmrecall.models.mcan import MCAN, MCANConfig
 from mmrecall.models.word_detector import WordDetector, WordDetectorConfig
 from mmrecall.ranking import members, outputs, reranker
 from mmrecall.ranking.ensemble import ensemble_scores, learn_weights, learn_weights_oof
+from mmrecall.ranking.features import FeatureSpec, MemberOutput, build_features
 from mmrecall.ranking.ranker import CandidateTableError, Ranker, candidate_store, read_candidates
 from mmrecall.ranking.smoothing import smooth_features, smooth_pool, smoothed_store
 from mmrecall.stages import predict, prepare, register, rerank
@@ -231,6 +232,24 @@ def test_rerank_outputs_and_ranker_reproduces_them(in_repo):
     scores = ranker.score(table)
     expected = pd.read_parquet(root / "outputs" / "rerank" / "testA.parquet").score.to_numpy()
     np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-6)  # the pyfunc path = the stage's path
+
+
+def test_features_follow_the_saved_spec(micro_data):
+    """A member's details become features; a saved spec without them (an older re-ranker) still gets its own
+    columns in its own order, and a spec naming a column the members do not give is an error."""
+    store = candidate_store(read_candidates(micro_data / "valid" / "valid.tsv", nrows=60))
+    rng = np.random.default_rng(0)
+    outs = {"a": MemberOutput(rng.normal(size=60), None, {"word_min": rng.normal(size=60)}),
+            "b": MemberOutput(rng.normal(size=60), None)}
+    counts = store.rows.product_id.value_counts()
+    X, _ = build_features(store, outs, FeatureSpec(["a", "b"], 0, {"a": 1.0, "b": 1.0}), counts)
+    assert {"a.word_min", "a.word_min.rank", "a.word_min.z", "a.word_min.gap"} <= set(X.columns)
+    older = [c for c in X.columns if not c.startswith("a.word_min")][::-1]
+    X_old, _ = build_features(store, outs, FeatureSpec(["a", "b"], 0, {"a": 1.0, "b": 1.0}, older), counts)
+    assert list(X_old.columns) == older
+    np.testing.assert_array_equal(X_old.to_numpy(), X[older].to_numpy())
+    with pytest.raises(UserError, match=r"missing \['b.word_min'\]"):
+        build_features(store, outs, FeatureSpec(["a", "b"], 0, {"a": 1.0, "b": 1.0}, [*older, "b.word_min"]), counts)
 
 
 def test_malformed_candidate_table_gives_a_clear_error(micro_data, tmp_path):

@@ -223,7 +223,9 @@ def build_features(
     cols.update(candidate_features(store, counts))
     X = pd.DataFrame(cols).astype(np.float32)
     if spec.names and list(X.columns) != spec.names:
-        extra, missing = sorted(set(X.columns) - set(spec.names)), sorted(set(spec.names) - set(X.columns))
-        raise UserError(f"re-ranker features differ from the saved spec (models/rerank/spec.json): new {extra}, "
-                         f"missing {missing}; re-run `mmrecall rerank`")
+        missing = sorted(set(spec.names) - set(X.columns))
+        if missing:
+            raise UserError(f"re-ranker features differ from the saved spec (models/rerank/spec.json): missing "
+                             f"{missing}; re-run `mmrecall rerank`")
+        X = X[spec.names]  # columns the saved boosters never saw (a member now reporting details) are left out
     return X, ens
