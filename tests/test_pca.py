@@ -47,3 +47,12 @@ def test_randomized_path_finds_the_same_components_deterministically():
     np.testing.assert_allclose(np.abs((randomized[1] * exact[1]).sum(1)), 1.0, atol=1e-3)
     again = fit_pca(blocks, 6, exact_max_dim=100)
     assert np.array_equal(again[1], randomized[1])
+
+
+def test_zero_dims_gives_the_mean_only():
+    """`dims` 0 (consensus features without PCA): the mean of every row, no components."""
+    rng = np.random.default_rng(3)
+    blocks = [fused(rng, 50, 20), fused(rng, 30, 20)]
+    mean, comps = fit_pca(blocks, 0)
+    np.testing.assert_allclose(mean, reference(blocks, 1)[0], rtol=1e-5, atol=1e-6)
+    assert comps.shape == (0, 20) and project(blocks[0], mean, comps).shape == (50, 0)

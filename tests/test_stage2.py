@@ -55,6 +55,31 @@ def test_per_query_features_match_pandas_group_by():
     assert got["rank"][0] == 0.0 and got["z"][0] == 0.0 and got["gap"][0] == 0.0
 
 
+def test_consensus_is_the_mean_similarity_to_the_best_other_candidates():
+    """consensus<k> = mean cosine of a row's centred vector to those of its query's k best-scored other rows,
+    computed by brute force here; fewer when the query is small, 0 for a lone candidate."""
+    from mmrecall.ranking.features import consensus
+
+    rng = np.random.default_rng(1)
+    groups = rng.integers(0, 6, 120) * 7 + 3  # unsorted ids
+    groups[:1], groups[1:3] = 1000, 2000  # a lone candidate and a pair
+    fused = rng.normal(size=(120, 16)).astype(np.float16)  # as stored
+    mean = rng.normal(size=16).astype(np.float32) * 0.1
+    logits = rng.normal(size=120)
+    got = consensus(fused, mean, logits, groups, [1, 3, 10])
+    f = fused.astype(np.float32) - mean
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    for k in (1, 3, 10):
+        want = np.zeros(120)
+        for i in range(120):
+            others = [j for j in np.flatnonzero(groups == groups[i]) if j != i]
+            best = sorted(others, key=lambda j: -logits[j])[:k]
+            want[i] = np.mean(f[best] @ f[i]) if best else 0.0
+        np.testing.assert_allclose(got[f"consensus{k}"], want, rtol=1e-4, atol=1e-5)
+    assert got["consensus1"][0] == 0.0 and got["consensus10"][1] == got["consensus1"][1]
+
+
+
 def test_smooth_pool_hand_computed():
     x = np.array([[0, 0], [1, 0], [3, 0], [10, 0]], np.float32)
     # box 0: nearest others 1 (d=1), 2 (d=3) -> 0.7*0 + 0.2*1 + 0.1*3 = 0.5
@@ -226,12 +251,15 @@ def test_rerank_outputs_and_ranker_reproduces_them(in_repo):
     assert len(list((root / "models" / "rerank").glob("booster_fold*.txt"))) == 4
     names = spec["names"]
     assert {"word_detector-seed1.word_min", "word_detector-seed1.word_min.rank"} <= set(names)  # its details
+    assert spec["consensus"] == [1, 3, 5, 10] and {"mcan-seed1.consensus3", "mcan-seed1.consensus3.z"} <= set(names)
     assert 0 <= report["rerank"]["valid"]["ndcg_at_5"] <= 1
     ranker = Ranker.load({"rerank": "models/rerank", **{f"member.{m}": str(members.checkpoint_path(m)) for m in spec["members"]}})
     table = read_candidates(root / "data" / "testA" / "testA.tsv")
     scores = ranker.score(table)
     expected = pd.read_parquet(root / "outputs" / "rerank" / "testA.parquet").score.to_numpy()
     np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-6)  # the pyfunc path = the stage's path
+    one = (table.query_id == table.query_id.iloc[-1]).to_numpy()  # a request of one query: nothing split-wide
+    np.testing.assert_allclose(ranker.score(table[one].reset_index(drop=True)), expected[one], rtol=1e-4, atol=1e-6)
 
 
 def test_features_follow_the_saved_spec(micro_data):

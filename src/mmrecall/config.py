@@ -256,9 +256,15 @@ class RerankParams:
     seed: int = 0  # fold assignment and LightGBM seed
     early_stopping_share: float = 0.2  # share of each fold's training queries held out for early stopping
     pca_dims: int = 8  # components of each member's fused vector (0 = scores only)
+    consensus: list[int] = field(default_factory=lambda: [1, 3, 5, 10])  # k's of the consensus features ([] = none)
     learn_weights: bool = True  # ensemble weights fitted on valid (out-of-fold for valid's own rows)
     ensemble_weights: dict = field(default_factory=dict)  # learn_weights false: member -> weight (missing = 1)
     lgbm: LGBMParams = field(default_factory=LGBMParams)
+
+    def __post_init__(self):
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.consensus):
+            raise ParamsError(f"params.yaml rerank.consensus: expected positive integers (how many best other "
+                              f"candidates a candidate is compared with), got {self.consensus!r}")
 
 
 @dataclass

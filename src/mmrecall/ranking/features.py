@@ -3,6 +3,10 @@
 - member scores, their per-query rank / z-score / gap to the query's best, the ensemble probability;
 - each member's details (RankerOutput.details, e.g. the word detector's weakest word), with the same
   per-query rank / z-score / gap;
+- each member's consensus (pseudo-relevance feedback, `consensus`): how much a candidate's fused vector
+  resembles those of the member's k best other candidates of the query, for each k of `rerank.consensus`,
+  with the same per-query rank / z-score / gap. A query's answers share what the query names, so they
+  resemble each other; a near-miss differs in one named value, a random negative in most;
 - the first `pca_dims` principal components of each member's fused vector (PCA fitted on the fused
   vectors of every evaluation split: unsupervised, no labels; one member at a time, in chunks of rows);
 - candidate features: num_boxes, kept boxes, image size, box area / aspect statistics, label histogram
@@ -130,7 +134,7 @@ def fit_pca(blocks: list[np.ndarray], dims: int, exact_max_dim: int = 1024, iter
     dimensions: an eigendecomposition of the covariance (float64, D x D). Above (the faithful members'
     fused vectors have thousands of dimensions, a D x D float64 matrix and its eigendecomposition would
     cost GBs and minutes): randomized subspace iteration in float32 (Halko et al.), `iterations` passes
-    over the data with `dims` + 10 vectors. torch with one thread: numpy's threaded BLAS took seconds
+    over the data with `dims` + 10 vectors. `dims` 0: the mean and no components. torch with one thread: numpy's threaded BLAS took seconds
     for this on a shared 2-core machine.
     """
     import torch
@@ -142,7 +146,9 @@ def fit_pca(blocks: list[np.ndarray], dims: int, exact_max_dim: int = 1024, iter
         total = sum(np.asarray(b[s : s + step], np.float64).sum(0) for b in blocks for s in range(0, len(b), step))
         mean = torch.from_numpy(np.asarray(total / n))
         D = len(mean)
-        if D <= exact_max_dim:
+        if dims == 0:  # the mean only (the consensus features centre on it)
+            comps = np.zeros((0, D))
+        elif D <= exact_max_dim:
             cov = torch.zeros(D, D, dtype=torch.float64)
             for c in _centered_chunks(blocks, mean, np.float64):
                 cov += c.T @ c
@@ -157,7 +163,8 @@ def fit_pca(blocks: list[np.ndarray], dims: int, exact_max_dim: int = 1024, iter
             comps = (q @ torch.linalg.eigh(small)[1]).flip(1)[:, :dims].T.numpy().copy()
     finally:
         torch.set_num_threads(threads)
-    comps *= np.sign(comps[np.arange(len(comps)), np.abs(comps).argmax(1)])[:, None]  # a fixed sign
+    if len(comps):
+        comps *= np.sign(comps[np.arange(len(comps)), np.abs(comps).argmax(1)])[:, None]  # a fixed sign
     return mean.numpy().astype(np.float32), comps.astype(np.float32)
 
 
@@ -169,12 +176,59 @@ def project(fused: np.ndarray, mean: np.ndarray, comps: np.ndarray) -> np.ndarra
     return out
 
 
+def consensus(fused: np.ndarray, mean: np.ndarray, logits: np.ndarray, groups: np.ndarray,
+              ks: list[int]) -> dict[str, np.ndarray]:
+    """Pseudo-relevance feedback: `consensus<k>` per row, the mean cosine similarity of its fused vector
+    (minus `mean`, the member's mean over the evaluation splits) to those of the k best-scored OTHER
+    candidates of its query (fewer when the query has fewer; 0 for a lone candidate).
+
+    No labels: only the member's own scores and vectors of the query's candidates, so a served query
+    gets the same values as in the stage. One query at a time (a query is ~30 rows).
+    """
+    logits = np.asarray(logits, np.float64)
+    out = {f"consensus{k}": np.zeros(len(logits)) for k in ks}
+    if not ks or not len(logits):
+        return out
+    codes, sizes, starts = _group_codes(groups)
+    order = np.lexsort((-logits, codes))  # by query, best first
+    top_k = max(ks)
+    for start, size in zip(starts, sizes):
+        rows = order[start : start + size]  # the query's rows, best first
+        f = np.asarray(fused[rows], np.float32) - mean  # (n, D), best first
+        f /= np.linalg.norm(f, axis=1, keepdims=True) + 1e-6
+        sim = f @ f[: top_k + 1].T  # (n, min(n, top_k + 1)): each row against the best ones
+        self_sim = np.einsum("nd,nd->n", f, f)
+        place = np.arange(size)
+        for k in ks:
+            k_eff = min(k, size - 1)
+            if k_eff == 0:
+                continue
+            best = sim[:, : k_eff + 1].sum(1)
+            # A row among the k + 1 best leaves itself out of them; any other row takes the k best.
+            total = np.where(place <= k_eff, best - self_sim, best - sim[:, k_eff])
+            out[f"consensus{k}"][rows] = total / k_eff
+    return out
+
+
 class MemberOutput(NamedTuple):
     """What the re-ranker reads of one member on one split, row by row."""
 
     logits: np.ndarray  # (rows,)
     components: np.ndarray | None  # (rows, pca_dims): principal components of its fused vectors (`project`)
-    details: dict[str, np.ndarray] | None = None  # name -> (rows,): its score table's extra columns
+    details: dict[str, np.ndarray] | None = None  # name -> (rows,): its score table's extra columns (+ consensus)
+
+
+def member_output(logits: np.ndarray, fused: np.ndarray, details: dict | None, groups: np.ndarray,
+                  pca: tuple[np.ndarray, np.ndarray] | None, consensus_ks: list[int]) -> MemberOutput:
+    """One member's MemberOutput on one split (the stage and the served ranker both build it here).
+
+    `pca`: the member's (mean, components) (`fit_pca`; None without PCA and consensus); `groups`: query
+    id per row."""
+    details = dict(details or {})
+    if consensus_ks:
+        details.update(consensus(fused, pca[0], logits, groups, consensus_ks))
+    components = project(fused, *pca) if pca is not None and len(pca[1]) else None
+    return MemberOutput(np.asarray(logits), components, details or None)
 
 
 @dataclass
@@ -185,6 +239,7 @@ class FeatureSpec:
     pca_dims: int
     ensemble_weights: dict
     names: list[str] = field(default_factory=list)
+    consensus: list[int] = field(default_factory=list)  # k's of the consensus features (none in older specs)
 
 
 def build_features(
@@ -202,7 +257,7 @@ def build_features(
     """
     groups = store.rows.query_id.to_numpy()
     cols: dict[str, np.ndarray] = {}
-    member = {m: MemberOutput(*outputs[m]) for m in spec.members}
+    member = {m: outputs[m] for m in spec.members}
     scores = {m: np.asarray(member[m].logits, np.float64) for m in spec.members}
     ens = ensemble_scores(scores, spec.ensemble_weights) if ensemble is None else ensemble
     for m in spec.members:

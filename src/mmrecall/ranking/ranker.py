@@ -33,7 +33,7 @@ from ..data.tsv import COLUMNS, parse_chunk
 from ..errors import MissingInputError, UserError
 from . import members as members_mod
 from . import reranker
-from .features import MemberOutput, build_features, project
+from .features import build_features, member_output
 from .outputs import table_details
 from .smoothing import smoothed_store
 
@@ -117,8 +117,8 @@ class Ranker:
         outputs = {}
         for name, member in self.members.items():
             scores, fused = members_mod.score(member, store)
-            outputs[name] = MemberOutput(scores.score.to_numpy(), project(fused, *self.pca[name]) if self.pca else None,
-                                         table_details(scores))
+            outputs[name] = member_output(scores.score.to_numpy(), fused, table_details(scores),
+                                          store.rows.query_id.to_numpy(), self.pca.get(name), self.feature_spec.consensus)
         in_table = store.rows.product_id.value_counts()
         counts = pd.concat([self.counts.reindex(in_table.index).fillna(0), in_table], axis=1).max(axis=1)
         X, ensemble = build_features(store, outputs, self.feature_spec, counts)

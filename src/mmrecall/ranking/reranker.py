@@ -9,7 +9,7 @@ training queries. The out-of-fold valid NDCG@5 is the honest one. Test rows get 
 over the fold boosters.
 
 The folder (models/rerank/ by default), written by `save` and read by `load`: booster_fold<i>.txt
-(LightGBM text files), pca.npz, counts.parquet (candidate counts over the evaluation files), spec.json
+(LightGBM text files), pca.npz (each member's fused mean and components), counts.parquet (candidate counts over the evaluation files), spec.json
 (members, feature names, preprocessing settings, honest metrics).
 """
 
@@ -29,7 +29,7 @@ from ..data.store import FeatureStore
 from ..errors import MissingInputError, UserError
 from . import outputs
 from .ensemble import learn_weights, learn_weights_oof
-from .features import FeatureSpec, MemberOutput, build_features, fit_pca, project
+from .features import FeatureSpec, build_features, fit_pca, member_output
 
 MODEL_DIR = Path("models") / "rerank"
 SPEC, PCA, COUNTS = "spec.json", "pca.npz", "counts.parquet"
@@ -124,20 +124,22 @@ class Variant:
 
 
 def read_members(outputs_dir: Path, folders: list[str], names: list[str], stores: dict[str, FeatureStore],
-                 pca_dims: int) -> tuple[dict[str, dict], dict[str, tuple[np.ndarray, np.ndarray]]]:
+                 pca_dims: int, consensus: list[int] = ()) -> tuple[dict[str, dict], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """({split: {member: MemberOutput}}, {member: (mean, components)}).
 
     One member at a time: its fused vectors (memory-mapped) are read in chunks by the PCA and the
-    projection, and only their `pca_dims` components are kept, so memory does not grow with the members.
+    projection, one query at a time by the consensus features, and only their `pca_dims` components and
+    the consensus values are kept, so memory does not grow with the members.
     """
     outs: dict[str, dict] = {s: {} for s in stores}
     pca = {}
     for name, folder in zip(names, folders):
         member = {s: outputs.read_member(outputs_dir, folder, s, st) for s, st in stores.items()}
-        if pca_dims:
+        if pca_dims or consensus:
             pca[name] = fit_pca([fused for _, fused, _ in member.values()], pca_dims)
         for s, (logits, fused, details) in member.items():
-            outs[s][name] = MemberOutput(logits, project(fused, *pca[name]) if pca_dims else None, details)
+            outs[s][name] = member_output(logits, fused, details, stores[s].rows.query_id.to_numpy(), pca.get(name),
+                                          list(consensus))
     return outs, pca
 
 
@@ -146,8 +148,8 @@ def fit_variant(params: Params, stores: dict[str, FeatureStore], counts: pd.Seri
     names = member_names(params, rp.members)
     outputs_dir = Path(params.data.outputs)
     folder = outputs.smoothed if smoothing else str
-    spec = FeatureSpec(names, rp.pca_dims, dict(rp.ensemble_weights))
-    outs, pca = read_members(outputs_dir, [folder(m) for m in names], names, stores, rp.pca_dims)
+    spec = FeatureSpec(names, rp.pca_dims, dict(rp.ensemble_weights), consensus=list(rp.consensus))
+    outs, pca = read_members(outputs_dir, [folder(m) for m in names], names, stores, rp.pca_dims, rp.consensus)
     valid = stores["valid"]
     labels, query_ids = labels_of(valid), valid.rows.query_id.to_numpy()
     valid_ensemble = None  # with learned weights: each valid row's from weights fitted on the other folds
@@ -183,6 +185,7 @@ def save(variant: Variant, params: Params, counts: pd.Series, smoothing: bool, m
     spec = {
         "members": variant.spec.members,
         "pca_dims": variant.spec.pca_dims,
+        "consensus": variant.spec.consensus,
         "ensemble_weights": variant.spec.ensemble_weights,
         "names": variant.spec.names,
         "objective": params.rerank.objective,
@@ -208,7 +211,7 @@ class Saved:
     @property
     def feature_spec(self) -> FeatureSpec:
         s = self.spec
-        return FeatureSpec(s["members"], s["pca_dims"], s["ensemble_weights"], s["names"])
+        return FeatureSpec(s["members"], s["pca_dims"], s["ensemble_weights"], s["names"], s.get("consensus", []))
 
 
 def load(folder: str | Path = MODEL_DIR) -> Saved:
@@ -218,7 +221,7 @@ def load(folder: str | Path = MODEL_DIR) -> Saved:
     spec = json.loads((folder / SPEC).read_text())
     boosters = [lgb.Booster(model_file=str(folder / f"booster_fold{i}.txt")) for i in range(spec["folds"])]
     pca = {}
-    if spec["pca_dims"]:
+    if spec["pca_dims"] or spec.get("consensus"):
         with np.load(folder / PCA) as z:
             pca = {m: (z[f"{m}.mean"], z[f"{m}.components"]) for m in spec["members"]}
     counts = pd.read_parquet(folder / COUNTS).set_index("product_id")["count"]
