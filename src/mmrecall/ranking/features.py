@@ -134,8 +134,8 @@ def fit_pca(blocks: list[np.ndarray], dims: int, exact_max_dim: int = 1024, iter
     dimensions: an eigendecomposition of the covariance (float64, D x D). Above (the faithful members'
     fused vectors have thousands of dimensions, a D x D float64 matrix and its eigendecomposition would
     cost GBs and minutes): randomized subspace iteration in float32 (Halko et al.), `iterations` passes
-    over the data with `dims` + 10 vectors. `dims` 0: the mean and no components. torch with one thread: numpy's threaded BLAS took seconds
-    for this on a shared 2-core machine.
+    over the data with `dims` + 10 vectors. `dims` 0: the mean and no components. torch with one thread:
+    numpy's threaded BLAS took seconds for this on a shared 2-core machine.
     """
     import torch
 

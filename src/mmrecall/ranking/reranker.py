@@ -9,8 +9,9 @@ training queries. The out-of-fold valid NDCG@5 is the honest one. Test rows get 
 over the fold boosters.
 
 The folder (models/rerank/ by default), written by `save` and read by `load`: booster_fold<i>.txt
-(LightGBM text files), pca.npz (each member's fused mean and components), counts.parquet (candidate counts over the evaluation files), spec.json
-(members, feature names, preprocessing settings, honest metrics).
+(LightGBM text files), pca.npz (each member's fused mean and components), counts.parquet (candidate
+counts over the evaluation files), spec.json (members, feature names, preprocessing settings, honest
+metrics).
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ class Variant:
 
 
 def read_members(outputs_dir: Path, folders: list[str], names: list[str], stores: dict[str, FeatureStore],
-                 pca_dims: int, consensus: list[int] = ()) -> tuple[dict[str, dict], dict[str, tuple[np.ndarray, np.ndarray]]]:
+                 pca_dims: int, consensus: list[int] = ()
+                 ) -> tuple[dict[str, dict], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """({split: {member: MemberOutput}}, {member: (mean, components)}).
 
     One member at a time: its fused vectors (memory-mapped) are read in chunks by the PCA and the
