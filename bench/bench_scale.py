@@ -174,16 +174,19 @@ def _batches(work: Path, size: int, fused_dim: int):
 
 
 def _rerank_features(work: Path, size: int, fused_dim: int):
+    from mmrecall.config import RerankParams
     from mmrecall.data.store import FeatureStore
     from mmrecall.ranking.features import FeatureSpec, build_features
     from mmrecall.ranking.reranker import read_members
 
+    rp = RerankParams()  # the defaults: pca_dims 8, consensus [1, 3, 5, 10]
+
     def run():
         root, names = work / f"eval{size}-{fused_dim}", ["m1", "m2"]
         stores = {"valid": FeatureStore.open(root / "features" / "valid")}
-        outs, _ = read_members(root / "outputs", names, names, stores, pca_dims=8)
+        outs, _ = read_members(root / "outputs", names, names, stores, rp.pca_dims, rp.consensus)
         counts = stores["valid"].rows.product_id.value_counts()
-        build_features(stores["valid"], outs["valid"], FeatureSpec(names, 8, {}), counts)
+        build_features(stores["valid"], outs["valid"], FeatureSpec(names, rp.pca_dims, {}, consensus=rp.consensus), counts)
         return {}
     return run
 
