@@ -257,18 +257,17 @@ def build_features(
     """
     groups = store.rows.query_id.to_numpy()
     cols: dict[str, np.ndarray] = {}
-    member = {m: outputs[m] for m in spec.members}
-    scores = {m: np.asarray(member[m].logits, np.float64) for m in spec.members}
+    scores = {m: np.asarray(outputs[m].logits, np.float64) for m in spec.members}
     ens = ensemble_scores(scores, spec.ensemble_weights) if ensemble is None else ensemble
     for m in spec.members:
         cols[f"{m}.score"] = scores[m]
         for key, value in per_query(scores[m], groups).items():
             cols[f"{m}.{key}"] = value
         if spec.pca_dims:
-            proj = member[m].components
+            proj = outputs[m].components
             for j in range(proj.shape[1]):
                 cols[f"{m}.pc{j}"] = proj[:, j]
-        for name, detail in (member[m].details or {}).items():
+        for name, detail in (outputs[m].details or {}).items():
             cols[f"{m}.{name}"] = np.asarray(detail, np.float64)
             for key, value in per_query(cols[f"{m}.{name}"], groups).items():
                 cols[f"{m}.{name}.{key}"] = value
