@@ -130,6 +130,8 @@ def main() -> int:
                         help="one clone per world here (kept: a finished world is read back)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
+    args.work = args.work.resolve()  # the clones' PYTHONPATH: a relative one would not exist from inside a clone,
+    # and the stages would import this repository's working tree through the editable install instead
     if subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode:
         print("note: the working tree has uncommitted changes; the worlds run the committed HEAD", flush=True)
     args.work.mkdir(parents=True, exist_ok=True)

@@ -6,8 +6,8 @@
 #       "train@word_detector-1 evaluate smooth rerank register predict summary" hard near-miss looks
 #
 # For a change that leaves some members' code alone (those need no re-training): each world's clone under
-# FROM_WORK is copied to TO_WORK (kept if it is there already), its src/, tests/ and bench/ are replaced by
-# those of this repository's HEAD (nothing else: metrics/ and dvc.lock stay the world's), and each of STAGES
+# FROM_WORK is copied to TO_WORK (kept if it is there already), its src/, tests/, bench/, params.yaml and dvc.yaml
+# are replaced by those of this repository's HEAD (nothing else: metrics/ and dvc.lock stay the world's), and each of STAGES
 # runs with `dvc repro -s` in order. Then `bench/bench_quality.py --work TO_WORK --worlds WORLD...` reads the
 # clones back into the grid table; its minutes column is still FROM_WORK's full run. A log per world in
 # TO_WORK/<world>/restage.log. Not part of CI.
@@ -22,7 +22,7 @@ for world in "$@"; do
   [ -f "$src/metrics/predict.json" ] || { echo "[$world] $src: not a finished world"; exit 1; }
   [ -d "$dst" ] || cp -a "$src" "$dst"
   git -C "$dst" fetch -q "$ROOT" "$COMMIT"
-  git -C "$dst" checkout -q FETCH_HEAD -- src tests bench
+  git -C "$dst" checkout -q FETCH_HEAD -- src tests bench params.yaml dvc.yaml
   export PATH="$ROOT/.venv/bin:$PATH" PYTHONPATH="$dst/src" DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true
   started=$(date +%s)
   for stage in $STAGES; do

@@ -16,7 +16,7 @@ from mmrecall.ranking import members
 
 from .test_models import QUERIES, make_batch
 
-TINY = WordDetectorConfig(hidden=16, layers=2, dropout=0.0, max_words=64)
+TINY = WordDetectorConfig(hidden=16, layers=2, dropout=0.0, max_words=64, bag=1)
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +73,13 @@ def test_score_is_the_best_box_mean_word_log_probability(tokenizer):
     batch = make_batch(tokenizer)
     with torch.no_grad():
         out = model(batch)
-        h = model.boxes(batch["img_feat"], batch["img_mask"])
+        net = model.nets[0]
+        h = net.boxes(batch["img_feat"], batch["img_mask"])
         for b, text in enumerate(QUERIES):
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             rows = sorted({int(model.word_row[i]) for i in ids} - {UNKNOWN})
             n = int(batch["img_mask"][b].sum())
-            logits = h[b, :n] @ model.detectors.weight[rows].T + model.bias.weight[rows].T  # (n, words)
+            logits = h[b, :n] @ net.detectors.weight[rows].T + net.bias.weight[rows].T  # (n, words)
             expected = F.logsigmoid(logits).mean(-1).max()
             assert out.logits[b].item() == pytest.approx(expected.item(), abs=1e-5)
 
@@ -89,12 +90,13 @@ def test_details_name_the_weak_and_strong_words(tokenizer):
     batch = make_batch(tokenizer)
     with torch.no_grad():
         details = model(batch).details
-        h = model.boxes(batch["img_feat"], batch["img_mask"])
+        net = model.nets[0]
+        h = net.boxes(batch["img_feat"], batch["img_mask"])
         for b, text in enumerate(QUERIES):
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             rows = sorted({int(model.word_row[i]) for i in ids} - {UNKNOWN})
             n = int(batch["img_mask"][b].sum())
-            log_p = F.logsigmoid(h[b, :n] @ model.detectors.weight[rows].T + model.bias.weight[rows].T)  # (n, words)
+            log_p = F.logsigmoid(h[b, :n] @ net.detectors.weight[rows].T + net.bias.weight[rows].T)  # (n, words)
             at_best = log_p[log_p.mean(-1).argmax()].sort().values
             own = log_p.max(0).values
             expected = {"word_min": at_best[0], "word_second": at_best[min(1, len(rows) - 1)], "word_max": at_best[-1],
@@ -138,6 +140,50 @@ def test_in_batch_loss_learns_the_words(tokenizer):
         assert (model(batch).logits > model(swapped).logits).all()
 
 
+def test_a_bag_averages_its_detectors(tokenizer):
+    """Score, details and loss of a bag are its detectors' means; the fused vector their unit codes side by side."""
+    model = detector(tokenizer, bag=3)
+    batch = make_batch(tokenizer)
+    with torch.no_grad():
+        out = model(batch)
+        rows, valid = model.words(batch)
+        each = [net(batch, rows, valid) for net in model.nets]
+        torch.testing.assert_close(out.logits, torch.stack([o.logits for o in each]).mean(0))
+        for name, value in out.details.items():
+            torch.testing.assert_close(value, torch.stack([o.details[name] for o in each]).mean(0))
+        assert out.fused.shape == (len(QUERIES), 3 * 16) and model.fused_dim == 48
+        torch.testing.assert_close(out.fused[:, 16:32], F.normalize(each[1].fused, dim=-1))
+        assert not torch.allclose(each[0].logits, each[1].logits)  # each detector has its own initialisation
+        singles = []  # each detector alone, as a bag of one
+        for k in range(3):
+            single = WordDetector(WordDetectorConfig(**{**vars(model.cfg), "bag": 1}), tokenizer.vocab_size)
+            single.load_state_dict({k_.replace(f"nets.{k}.", "nets.0."): v for k_, v in model.state_dict().items()
+                                    if not k_.startswith("nets.") or k_.startswith(f"nets.{k}.")})
+            singles.append(single.eval())
+        torch.testing.assert_close(singles[1](batch).logits, each[1].logits)
+        expected = torch.stack([single.in_batch_loss(batch) for single in singles]).mean()
+        torch.testing.assert_close(model.in_batch_loss(batch), expected)
+
+
+def test_checkpoints_from_before_the_bag_load(tokenizer, tmp_path):
+    """A checkpoint saved before `bag` (no such config field, one detector at the top level of the state
+    dict) loads as a bag of one and scores as before."""
+    import dataclasses
+
+    model = detector(tokenizer)
+    config = {k: v for k, v in dataclasses.asdict(model.cfg).items() if k != "bag"}
+    state = {k.removeprefix("nets.0."): v for k, v in model.state_dict().items()}
+    assert "detectors.weight" in state and not any(k.startswith("nets.") for k in state)
+    torch.save({"model": "word_detector", "config": config, "state_dict": state}, tmp_path / "model.pt")
+    loaded = members.load(tmp_path / "model.pt")
+    assert loaded.model.cfg.bag == 1
+    batch = make_batch(tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(batch).logits, model(batch).logits)
+    with pytest.raises(ValueError, match="bag"):
+        WordDetector(WordDetectorConfig(bag=0), tokenizer.vocab_size)
+
+
 @pytest.mark.slow
 def test_trained_member_round_trips(workdir):
     """The train stage fits the vocabulary on the train queries; the checkpoint keeps it and scores the same."""
@@ -153,7 +199,7 @@ def test_trained_member_round_trips(workdir):
     table, fused = members.score(member, FeatureStore.open(workdir / "features" / "valid"))
     saved = pd.read_parquet(workdir / "outputs" / "word_detector-seed3" / "valid.parquet")
     np.testing.assert_allclose(table.score.to_numpy(), saved.score.to_numpy(), atol=1e-5)
-    assert fused.shape == (len(saved), 16)
+    assert fused.shape == (len(saved), 32)  # a bag of 2: each detector's best-box code
     details = [c for c in saved.columns if c.startswith("word_")]  # the train stage saves the details too
     assert len(details) == 5 and list(table.columns) == list(saved.columns)
     np.testing.assert_allclose(table[details].to_numpy(), saved[details].to_numpy(), atol=1e-5)
@@ -169,7 +215,7 @@ def workdir(micro_copy, monkeypatch):
 
     root = micro_copy.parent
     monkeypatch.chdir(root)
-    train = {**TRAIN, "models": ["word_detector"], "word_detector": {"hidden": 16, "max_words": 64},
+    train = {**TRAIN, "models": ["word_detector"], "word_detector": {"hidden": 16, "max_words": 64, "bag": 2},
              "overrides": {"word_detector": {"swap_negatives": 0.0}}}
     (root / "params.yaml").write_text(yaml.safe_dump({"prepare": {"workers": 1}, "train": train}))
     for split in ("train", "valid", "testA"):

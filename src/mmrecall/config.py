@@ -99,7 +99,7 @@ BOX_SELECT = ("largest", "first")  # train.box_select: which boxes an image over
 class TrainParams:
     """The neural rankers: one DVC matrix member per (model, seed)."""
 
-    models: list[str] = field(default_factory=lambda: ["mcan", "visualbert", "word_detector"])
+    models: list[str] = field(default_factory=lambda: ["mcan", "word_detector"])
     seeds: list[int] = field(default_factory=lambda: [1])  # CPU default: one long member per model beat two short ones
     steps: int = 1000  # optimizer steps per member (sized for the 15-minute make repro)
     eval_every: int = 100  # valid NDCG@5 (and a checkpoint) every N steps

@@ -18,6 +18,12 @@ with a log-mean-exp, so the loss does not need to know which box is the product.
 Words are WordPiece tokens of the backbone's tokenizer (its [CLS] / [SEP] and padding are skipped); the
 `max_words - 1` most frequent tokens of the train queries get a detector (`fit_vocabulary`), row 0 of
 the table stands for any other token, which counts as no word at all.
+
+A member can hold a *bag* of `bag` such detectors (`Detector`: a box MLP and a detector table each, each
+initialised on its own), trained side by side on the same batches (the mean of their losses). The member's
+score and word details are the bag's means, and its fused vector their L2-normalised best-box codes side by
+side, so the re-ranker's consensus compares candidates in every detector's view. A bag of 2 costs twice
+the steps of one and, on valid, did what two separately trained word_detector members do (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -43,8 +50,11 @@ class WordDetectorConfig:
     layers: int = 2  # ReLU layers of the box MLP
     dropout: float = 0.3  # after the box MLP's first layer
     max_words: int = 4096  # detector rows: the most frequent train tokens (row 0: any other token)
+    bag: int = 2  # independent detectors (own box MLP and detector table) averaged into the member's score
     feature_norm: bool = True  # LayerNorm on the 2048-d ROI features (see image_input.feature_norm)
     backbone: str = SHIPPED  # the tokenizer whose token ids name the words
+
+    LATER_FIELDS: ClassVar[dict] = {"bag": 1}  # what a checkpoint saved before the field was trained with
 
 
 def query_words(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -100,18 +110,48 @@ class BoxEncoder(nn.Module):
         return on_real_boxes(lambda x: self.mlp(self.feature_norm(x)), img_mask, img_feat)  # (B, N, H)
 
 
-class WordDetector(nn.Module):
-    def __init__(self, cfg: WordDetectorConfig, token_vocab_size: int):
+class Detector(nn.Module):
+    """One word detector: box codes h_b, and a detector vector d_w and bias c_w per detector row."""
+
+    def __init__(self, cfg: WordDetectorConfig):
         super().__init__()
-        if cfg.max_words < 2:
-            raise ValueError(f"word_detector max_words must be at least 2, got {cfg.max_words}")
-        self.cfg = cfg
         self.boxes = BoxEncoder(cfg)
         self.detectors = nn.Embedding(cfg.max_words, cfg.hidden)
         self.bias = nn.Embedding(cfg.max_words, 1)
         bound = 1.0 / math.sqrt(cfg.hidden)  # as an nn.Linear(hidden, words) read-out
         nn.init.uniform_(self.detectors.weight, -bound, bound)
         nn.init.zeros_(self.bias.weight)
+
+    def loss(self, batch: dict[str, Tensor], vocab: Tensor, target: Tensor) -> Tensor:
+        """BCE of each image's (B, U) word logits (its boxes' log-mean-exp) against the (B, U) targets."""
+        h = self.boxes(batch["img_feat"], batch["img_mask"])  # (B, N, H)
+        logits = h @ self.detectors(vocab).T + self.bias(vocab).T  # (B, N, U)
+        mask = batch["img_mask"].bool()
+        logits = logits.masked_fill(~mask[..., None], float("-inf"))
+        image = torch.logsumexp(logits, dim=1) - torch.log(mask.sum(1, keepdim=True).clamp(min=1))  # (B, U) log-mean-exp
+        return F.binary_cross_entropy_with_logits(image, target)
+
+    def forward(self, batch: dict[str, Tensor], rows: Tensor, valid: Tensor) -> RankerOutput:
+        h = self.boxes(batch["img_feat"], batch["img_mask"])  # (B, N, H)
+        word_logits = torch.einsum("bnh,bth->bnt", h, self.detectors(rows)) + self.bias(rows).squeeze(-1)[:, None, :]
+        log_p = F.logsigmoid(word_logits) * valid[:, None, :]  # (B, N, T)
+        per_box = log_p.sum(-1) / valid.sum(-1, keepdim=True).clamp(min=1)  # (B, N) mean over the query's words
+        per_box = masked_fill(per_box, batch["img_mask"])
+        score, best = per_box.max(dim=1)  # (B,)
+        at_best = torch.arange(len(h), device=h.device), best
+        own_box = masked_fill(log_p, batch["img_mask"][..., None]).amax(1)  # (B, T) each word at its own best box
+        return RankerOutput(logits=score, fused=h[at_best], details=word_details(log_p[at_best], own_box, valid))
+
+
+class WordDetector(nn.Module):
+    def __init__(self, cfg: WordDetectorConfig, token_vocab_size: int):
+        super().__init__()
+        if cfg.max_words < 2:
+            raise ValueError(f"word_detector max_words must be at least 2, got {cfg.max_words}")
+        if cfg.bag < 1:
+            raise ValueError(f"word_detector bag must be at least 1, got {cfg.bag}")
+        self.cfg = cfg
+        self.nets = nn.ModuleList(Detector(cfg) for _ in range(cfg.bag))
         # token id -> detector row; all UNKNOWN until fit_vocabulary (saved with the weights)
         self.register_buffer("word_row", torch.zeros(token_vocab_size, dtype=torch.long))
 
@@ -121,7 +161,7 @@ class WordDetector(nn.Module):
 
     @property
     def fused_dim(self) -> int:
-        return self.cfg.hidden
+        return self.cfg.hidden * self.cfg.bag
 
     def pretrained_parameters(self) -> list[nn.Parameter]:
         return []
@@ -154,22 +194,19 @@ class WordDetector(nn.Module):
         vocab, inverse = torch.unique(rows[valid], return_inverse=True)  # (U,) the batch's words
         target = torch.zeros(len(rows), len(vocab), device=rows.device)  # (B, U)
         target[valid.nonzero()[:, 0], inverse] = 1.0
-        h = self.boxes(batch["img_feat"], batch["img_mask"])  # (B, N, H)
-        logits = h @ self.detectors(vocab).T + self.bias(vocab).T  # (B, N, U)
-        mask = batch["img_mask"].bool()
-        logits = logits.masked_fill(~mask[..., None], float("-inf"))
-        image = torch.logsumexp(logits, dim=1) - torch.log(mask.sum(1, keepdim=True).clamp(min=1))  # (B, U) log-mean-exp
-        return F.binary_cross_entropy_with_logits(image, target)
+        return torch.stack([net.loss(batch, vocab, target) for net in self.nets]).mean()
 
     def forward(self, batch: dict[str, Tensor]) -> RankerOutput:
         rows, valid = self.words(batch)
-        h = self.boxes(batch["img_feat"], batch["img_mask"])  # (B, N, H)
-        word_logits = torch.einsum("bnh,bth->bnt", h, self.detectors(rows)) + self.bias(rows).squeeze(-1)[:, None, :]
-        log_p = F.logsigmoid(word_logits) * valid[:, None, :]  # (B, N, T)
-        per_box = log_p.sum(-1) / valid.sum(-1, keepdim=True).clamp(min=1)  # (B, N) mean over the query's words
-        per_box = masked_fill(per_box, batch["img_mask"])
-        score, best = per_box.max(dim=1)  # (B,)
-        at_best = torch.arange(len(h), device=h.device), best
-        fused = h[at_best]  # (B, H) the best box's code
-        own_box = masked_fill(log_p, batch["img_mask"][..., None]).amax(1)  # (B, T) each word at its own best box
-        return RankerOutput(logits=score, fused=fused, details=word_details(log_p[at_best], own_box, valid))
+        outs = [net(batch, rows, valid) for net in self.nets]
+        return RankerOutput(
+            logits=torch.stack([o.logits for o in outs]).mean(0),  # (B,)
+            fused=torch.cat([F.normalize(o.fused, dim=-1) for o in outs], -1),  # (B, bag * H)
+            details={name: torch.stack([o.details[name] for o in outs]).mean(0) for name in outs[0].details},
+        )
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Checkpoints from before the bag (one detector at the top level) load as a bag of one."""
+        state_dict = {(f"nets.0.{k}" if k.split(".")[0] in ("boxes", "detectors", "bias") else k): v
+                      for k, v in state_dict.items()}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
