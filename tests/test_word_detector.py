@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from mmrecall.models.backbone import load_tokenizer
-from mmrecall.models.word_detector import UNKNOWN, WordDetector, WordDetectorConfig, first_occurrence, query_words
+from mmrecall.models.image_input import BOX_DIM, FEAT_DIM, NUM_LABELS
+from mmrecall.models.word_detector import (LABEL_DIM, UNKNOWN, WordDetector, WordDetectorConfig, box_geometry,
+                                           first_occurrence, query_words)
 from mmrecall.ranking import members
 
 from .test_models import QUERIES, make_batch
@@ -74,7 +77,7 @@ def test_score_is_the_best_box_mean_word_log_probability(tokenizer):
     with torch.no_grad():
         out = model(batch)
         net = model.nets[0]
-        h = net.boxes(batch["img_feat"], batch["img_mask"])
+        h = net.boxes(batch)
         for b, text in enumerate(QUERIES):
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             rows = sorted({int(model.word_row[i]) for i in ids} - {UNKNOWN})
@@ -91,7 +94,7 @@ def test_details_name_the_weak_and_strong_words(tokenizer):
     with torch.no_grad():
         details = model(batch).details
         net = model.nets[0]
-        h = net.boxes(batch["img_feat"], batch["img_mask"])
+        h = net.boxes(batch)
         for b, text in enumerate(QUERIES):
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             rows = sorted({int(model.word_row[i]) for i in ids} - {UNKNOWN})
@@ -124,6 +127,7 @@ def test_in_batch_loss_learns_the_words(tokenizer):
     looks = torch.rand(2, 2048, generator=g)
     batch = {**tokenizer(texts, return_tensors="pt"),
              "img_feat": looks[:, None, :] + 0.01 * torch.rand(2, 3, 2048, generator=g),
+             "img_box": torch.full((2, 3, 6), 0.5), "img_label": torch.zeros(2, 3, dtype=torch.long),  # the same for both
              "img_mask": torch.tensor([[True, True, False], [True, True, True]])}
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     first = None
@@ -165,18 +169,32 @@ def test_a_bag_averages_its_detectors(tokenizer):
         torch.testing.assert_close(model.in_batch_loss(batch), expected)
 
 
+def test_box_input_reads_geometry_and_class(tokenizer):
+    """With box_input the score depends on each box's geometry and detector class; without, on its feature only."""
+    batch = make_batch(tokenizer)
+    moved = {**batch, "img_box": batch["img_box"].flip(1), "img_label": (batch["img_label"] + 1) % NUM_LABELS}
+    with torch.no_grad():
+        for box_input in (True, False):
+            model = detector(tokenizer, box_input=box_input)
+            assert model.nets[0].boxes.mlp[0].in_features == FEAT_DIM + (BOX_DIM + LABEL_DIM) * box_input
+            same = torch.allclose(model(moved).logits, model(batch).logits)
+            assert same != box_input
+    thin = torch.tensor([[0.1, 0.2, 0.9, 0.2, 0.0, 8e5]])  # a zero-width box: its aspect is clipped
+    assert box_geometry(thin)[0, 5].item() == pytest.approx(math.log(100.0))
+
+
 def test_checkpoints_from_before_the_bag_load(tokenizer, tmp_path):
-    """A checkpoint saved before `bag` (no such config field, one detector at the top level of the state
-    dict) loads as a bag of one and scores as before."""
+    """A checkpoint saved before `bag` and `box_input` (no such config fields, one detector at the top level
+    of the state dict) loads as a bag of one reading ROI features only, and scores as before."""
     import dataclasses
 
-    model = detector(tokenizer)
-    config = {k: v for k, v in dataclasses.asdict(model.cfg).items() if k != "bag"}
+    model = detector(tokenizer, box_input=False)
+    config = {k: v for k, v in dataclasses.asdict(model.cfg).items() if k not in ("bag", "box_input")}
     state = {k.removeprefix("nets.0."): v for k, v in model.state_dict().items()}
     assert "detectors.weight" in state and not any(k.startswith("nets.") for k in state)
     torch.save({"model": "word_detector", "config": config, "state_dict": state}, tmp_path / "model.pt")
     loaded = members.load(tmp_path / "model.pt")
-    assert loaded.model.cfg.bag == 1
+    assert loaded.model.cfg.bag == 1 and not loaded.model.cfg.box_input
     batch = make_batch(tokenizer)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(batch).logits, model(batch).logits)

@@ -1,9 +1,9 @@
 """Word detectors: a multiple-instance classifier of query words over an image's boxes.
 
 Not one of the winning systems: a project member that checks every word of a query on its own. A box
-MLP maps each box to a code h_b; every word (query token) w has a learned detector vector d_w and bias c_w,
-and the detector's logit on a box is <h_b, d_w> + c_w. An image's score for a query is its best box's
-mean log-probability over the query's distinct words:
+MLP maps each box (its ROI feature, geometry and detector class) to a code h_b; every word (query token) w
+has a learned detector vector d_w and bias c_w, and the detector's logit on a box is <h_b, d_w> + c_w. An
+image's score for a query is its best box's mean log-probability over the query's distinct words:
 
     score(q, image) = max_b  mean_{w in q}  log sigmoid(<h_b, d_w> + c_w)
 
@@ -39,9 +39,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbone import SHIPPED, load_backbone_config
-from .image_input import FEAT_DIM, RankerOutput, feature_norm, masked_fill, on_real_boxes
+from .image_input import BOX_DIM, FEAT_DIM, NUM_LABELS, RankerOutput, feature_norm, masked_fill, on_real_boxes
 
 UNKNOWN = 0  # detector row of tokens without a detector of their own
+LABEL_DIM = 16  # class-label embedding of a box (box_input)
 
 
 @dataclass
@@ -51,10 +52,11 @@ class WordDetectorConfig:
     dropout: float = 0.3  # after the box MLP's first layer
     max_words: int = 4096  # detector rows: the most frequent train tokens (row 0: any other token)
     bag: int = 2  # independent detectors (own box MLP and detector table) averaged into the member's score
+    box_input: bool = True  # the box MLP also reads each box's geometry and detector class, not only its feature
     feature_norm: bool = True  # LayerNorm on the 2048-d ROI features (see image_input.feature_norm)
     backbone: str = SHIPPED  # the tokenizer whose token ids name the words
 
-    LATER_FIELDS: ClassVar[dict] = {"bag": 1}  # what a checkpoint saved before the field was trained with
+    LATER_FIELDS: ClassVar[dict] = {"bag": 1, "box_input": False}  # what a checkpoint saved before the field was trained with
 
 
 def query_words(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -91,14 +93,25 @@ def word_details(best_box: Tensor, own_box: Tensor, valid: Tensor) -> dict[str, 
     return {name: torch.where(n > 0, value, torch.zeros_like(value)) for name, value in details.items()}
 
 
+def box_geometry(img_box: Tensor) -> Tensor:
+    """(..., 6) normalised top, left, bottom, right, area, aspect -> the same with the aspect (height / width,
+    unbounded for a thin box) as its log, clipped to +-log 100."""
+    return torch.cat([img_box[..., :5], img_box[..., 5:].clamp(0.01, 100.0).log()], dim=-1)
+
+
 class BoxEncoder(nn.Module):
-    """ROI feature -> box code h_b: LayerNorm, then `layers` Linear + ReLU (dropout after the first)."""
+    """Box -> code h_b: the LayerNormed ROI feature (with box_input: beside the box's geometry and a class-label
+    embedding), then `layers` Linear + ReLU (dropout after the first).
+
+    Geometry and class tell the product from clutter that looks like it (the product box is usually the large
+    one); on valid this lifted the member on every world of bench_quality (BENCHMARKS.md)."""
 
     def __init__(self, cfg: WordDetectorConfig):
         super().__init__()
         self.feature_norm = feature_norm(cfg.feature_norm)
+        self.label_embedding = nn.Embedding(NUM_LABELS, LABEL_DIM) if cfg.box_input else None
         blocks: list[nn.Module] = []
-        width = FEAT_DIM
+        width = FEAT_DIM + (BOX_DIM + LABEL_DIM if cfg.box_input else 0)
         for i in range(cfg.layers):
             blocks += [nn.Linear(width, cfg.hidden), nn.ReLU()]
             if i == 0 and cfg.dropout:
@@ -106,8 +119,15 @@ class BoxEncoder(nn.Module):
             width = cfg.hidden
         self.mlp = nn.Sequential(*blocks)
 
-    def forward(self, img_feat: Tensor, img_mask: Tensor) -> Tensor:
-        return on_real_boxes(lambda x: self.mlp(self.feature_norm(x)), img_mask, img_feat)  # (B, N, H)
+    def code(self, img_feat: Tensor, img_box: Tensor, img_label: Tensor) -> Tensor:
+        """(R, H) codes of R real boxes."""
+        x = self.feature_norm(img_feat)  # (R, 2048)
+        if self.label_embedding is not None:
+            x = torch.cat([x, box_geometry(img_box), self.label_embedding(img_label)], dim=-1)  # (R, 2048 + 6 + 16)
+        return self.mlp(x)
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        return on_real_boxes(self.code, batch["img_mask"], batch["img_feat"], batch["img_box"], batch["img_label"])  # (B, N, H)
 
 
 class Detector(nn.Module):
@@ -124,7 +144,7 @@ class Detector(nn.Module):
 
     def loss(self, batch: dict[str, Tensor], vocab: Tensor, target: Tensor) -> Tensor:
         """BCE of each image's (B, U) word logits (its boxes' log-mean-exp) against the (B, U) targets."""
-        h = self.boxes(batch["img_feat"], batch["img_mask"])  # (B, N, H)
+        h = self.boxes(batch)  # (B, N, H)
         logits = h @ self.detectors(vocab).T + self.bias(vocab).T  # (B, N, U)
         mask = batch["img_mask"].bool()
         logits = logits.masked_fill(~mask[..., None], float("-inf"))
@@ -132,7 +152,7 @@ class Detector(nn.Module):
         return F.binary_cross_entropy_with_logits(image, target)
 
     def forward(self, batch: dict[str, Tensor], rows: Tensor, valid: Tensor) -> RankerOutput:
-        h = self.boxes(batch["img_feat"], batch["img_mask"])  # (B, N, H)
+        h = self.boxes(batch)  # (B, N, H)
         word_logits = torch.einsum("bnh,bth->bnt", h, self.detectors(rows)) + self.bias(rows).squeeze(-1)[:, None, :]
         log_p = F.logsigmoid(word_logits) * valid[:, None, :]  # (B, N, T)
         per_box = log_p.sum(-1) / valid.sum(-1, keepdim=True).clamp(min=1)  # (B, N) mean over the query's words
