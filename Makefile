@@ -47,7 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_prepare.py
 	$(BIN)/python bench/bench_train.py
 
-## make bench-quality: the default pipeline on a grid of synthetic worlds (~15 min each; BENCHMARKS.md).
+## make bench-quality: the default pipeline on a grid of synthetic worlds (~4-12 min each; BENCHMARKS.md).
 bench-quality: $(STAMP)
 	$(BIN)/python bench/bench_quality.py
 

@@ -13,7 +13,7 @@ the candidate-frequency post-processing (pp), and the wall time of the pipeline.
 
 The worlds and their settings are in src/mmrecall/data/synth.py (WORLDS). A world already finished under
 --work is read back, not re-run (delete its folder to run it again). Results: a markdown table on stdout
-and in bench/results/quality.md, the numbers in bench/results/quality.json. Not part of CI (about 15
+and in bench/results/quality.md, the numbers in bench/results/quality.json. Not part of CI (about 4-12
 minutes per world on a 2-core machine).
 """
 
