@@ -47,7 +47,7 @@ LABEL_DIM = 16  # class-label embedding of a box (box_input)
 
 @dataclass
 class WordDetectorConfig:
-    hidden: int = 512  # box code size (the box MLP's width)
+    hidden: int = 1024  # box code size (the box MLP's width)
     layers: int = 2  # ReLU layers of the box MLP
     dropout: float = 0.3  # after the box MLP's first layer
     max_words: int = 4096  # detector rows: the most frequent train tokens (row 0: any other token)
