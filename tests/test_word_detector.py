@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from mmrecall.models.backbone import load_tokenizer
 from mmrecall.models.image_input import BOX_DIM, FEAT_DIM, NUM_LABELS
 from mmrecall.models.word_detector import (LABEL_DIM, UNKNOWN, WordDetector, WordDetectorConfig, box_geometry,
-                                           first_occurrence, query_words)
+                                           exclusive_rows, first_occurrence, query_words)
 from mmrecall.ranking import members
 
 from .test_models import QUERIES, make_batch
@@ -163,6 +163,7 @@ def test_a_bag_averages_its_detectors(tokenizer):
             single = WordDetector(WordDetectorConfig(**{**vars(model.cfg), "bag": 1}), tokenizer.vocab_size)
             single.nets[0].load_state_dict(net.state_dict())
             single.word_row.copy_(model.word_row)
+            single.exclusive = model.exclusive
             singles.append(single.eval())
         torch.testing.assert_close(singles[1](batch).logits, each[1].logits)
         expected = torch.stack([single.in_batch_loss(batch) for single in singles]).mean()
@@ -184,22 +185,60 @@ def test_box_input_reads_geometry_and_class(tokenizer):
 
 
 def test_checkpoints_from_before_the_bag_load(tokenizer, tmp_path):
-    """A checkpoint saved before `bag` and `box_input` (no such config fields, one detector at the top level
-    of the state dict) loads as a bag of one reading ROI features only, and scores as before."""
+    """A checkpoint saved before `bag`, `box_input` and `open_negative_weight` (no such config fields, one detector
+    at the top level of the state dict) loads as a bag of one reading ROI features only, and scores as before."""
     import dataclasses
 
     model = detector(tokenizer, box_input=False)
-    config = {k: v for k, v in dataclasses.asdict(model.cfg).items() if k not in ("bag", "box_input")}
+    config = {k: v for k, v in dataclasses.asdict(model.cfg).items() if k not in ("bag", "box_input", "open_negative_weight")}
     state = {k.removeprefix("nets.0."): v for k, v in model.state_dict().items()}
     assert "detectors.weight" in state and not any(k.startswith("nets.") for k in state)
     torch.save({"model": "word_detector", "config": config, "state_dict": state}, tmp_path / "model.pt")
     loaded = members.load(tmp_path / "model.pt")
-    assert loaded.model.cfg.bag == 1 and not loaded.model.cfg.box_input
+    assert loaded.model.cfg.bag == 1 and not loaded.model.cfg.box_input and loaded.model.cfg.open_negative_weight == 1.0
     batch = make_batch(tokenizer)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(batch).logits, model(batch).logits)
     with pytest.raises(ValueError, match="bag"):
         WordDetector(WordDetectorConfig(bag=0), tokenizer.vocab_size)
+
+
+def test_exclusive_rows_are_words_of_one_slot():
+    """Two colours (1, 2) or two categories (4, 5) never share a query: exclusive; a colour and a category or a
+    material (6) share them as often as chance: not. Repeats within a query and the chunking change nothing."""
+    queries = [[c, k, m] for c in (1, 2, UNKNOWN) for k in (4, 5) for m in (6, UNKNOWN)]
+    rows = np.array([q + [UNKNOWN] for q in queries])
+    exclusive = exclusive_rows(rows, 8)
+    assert exclusive[1, 2] and exclusive[2, 1] and exclusive[4, 5]
+    assert not exclusive[1, 4] and not exclusive[1, 6] and not exclusive[5, 6] and not exclusive[1, 1]
+    repeated = rows.copy()
+    repeated[:, 3] = repeated[:, 0]  # each query's first word twice
+    assert torch.equal(exclusive_rows(repeated, 8), exclusive)
+    assert torch.equal(exclusive_rows(rows, 8, chunk=5), exclusive)
+
+
+def test_open_negatives_count_less(tokenizer):
+    """An image of "red dress" is a sure negative of "sofa" (excluded by "dress") but an open one of "cotton"
+    (its query says nothing of the material): the loss weighs that target open_negative_weight."""
+    texts = [" ".join(f"{c} {m} {k}".split()) for c in ("red", "blue", "") for m in ("cotton", "") for k in ("dress", "sofa")]
+    batch = {**tokenizer(["red dress", "cotton sofa"], padding=True, return_tensors="pt"),
+             **{k: v[:2] for k, v in make_batch(tokenizer).items() if k.startswith("img_")}}
+    model = detector(tokenizer, texts, open_negative_weight=0.2).train()
+    rows, valid = model.words(batch)
+    vocab, inverse = torch.unique(rows[valid], return_inverse=True)
+    target = torch.zeros(2, len(vocab))
+    target[valid.nonzero()[:, 0], inverse] = 1.0
+    weight = model.target_weights(rows, valid, vocab, target)
+    col = {w: int((vocab == model.word_row[tokenizer.convert_tokens_to_ids(w)]).nonzero()) for w in
+           ("red", "dress", "cotton", "sofa")}
+    assert weight[0, col["red"]] == weight[0, col["dress"]] == weight[0, col["sofa"]] == 1.0
+    assert weight[1, col["cotton"]] == weight[1, col["sofa"]] == weight[1, col["dress"]] == 1.0
+    assert weight[0, col["cotton"]] == weight[1, col["red"]] == pytest.approx(0.2)
+    full = detector(tokenizer, texts, open_negative_weight=1.0).train()  # the same initial weights
+    assert full.target_weights(rows, valid, vocab, target) is None
+    assert model.in_batch_loss(batch).item() < full.in_batch_loss(batch).item()
+    with pytest.raises(RuntimeError, match="fit_vocabulary"):
+        WordDetector(model.cfg, tokenizer.vocab_size).in_batch_loss(batch)
 
 
 @pytest.mark.slow

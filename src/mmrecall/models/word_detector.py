@@ -15,6 +15,13 @@ other words of the batch (the batch's union of words; a quarter of the batch are
 of other rows, so those words are the hard ones). The image-level logit of a word pools its box logits
 with a log-mean-exp, so the loss does not need to know which box is the product.
 
+A query names only some of its product's attributes, so "not the other words" is only sure for a word that
+the query excludes: "blue" for an image of "red dress", but "red" for an image of "cotton dress" may well be
+true. Words exclude each other when they fill one slot of a query, seen as sharing far fewer train queries
+than chance (`exclusive_rows`: "red" / "blue", "dress" / "sofa"); the other absent words are *open*
+negatives and count `open_negative_weight` (0.2) in the loss. On valid this lifted the member on every world
+of bench_quality (BENCHMARKS.md).
+
 Words are WordPiece tokens of the backbone's tokenizer (its [CLS] / [SEP] and padding are skipped); the
 `max_words - 1` most frequent tokens of the train queries get a detector (`fit_vocabulary`), row 0 of
 the table stands for any other token, which counts as no word at all.
@@ -42,6 +49,7 @@ from .backbone import SHIPPED, load_backbone_config
 from .image_input import BOX_DIM, FEAT_DIM, NUM_LABELS, RankerOutput, feature_norm, masked_fill, on_real_boxes
 
 UNKNOWN = 0  # detector row of tokens without a detector of their own
+EXCLUSIVE_RATIO = 0.25  # two words exclude each other when they share fewer queries than this share of chance
 LABEL_DIM = 16  # class-label embedding of a box (box_input)
 
 
@@ -53,10 +61,11 @@ class WordDetectorConfig:
     max_words: int = 4096  # detector rows: the most frequent train tokens (row 0: any other token)
     bag: int = 2  # independent detectors (own box MLP and detector table) averaged into the member's score
     box_input: bool = True  # the box MLP also reads each box's geometry and detector class, not only its feature
+    open_negative_weight: float = 0.2  # loss weight of a batch word that the image's query neither names nor excludes
     feature_norm: bool = True  # LayerNorm on the 2048-d ROI features (see image_input.feature_norm)
     backbone: str = SHIPPED  # the tokenizer whose token ids name the words
 
-    LATER_FIELDS: ClassVar[dict] = {"bag": 1, "box_input": False}  # what a checkpoint saved before the field was trained with
+    LATER_FIELDS: ClassVar[dict] = {"bag": 1, "box_input": False, "open_negative_weight": 1.0}  # what a checkpoint saved before the field was trained with
 
 
 def query_words(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -91,6 +100,23 @@ def word_details(best_box: Tensor, own_box: Tensor, valid: Tensor) -> dict[str, 
         "word_mean_own_box": (own_box * valid).sum(-1) / n.clamp(min=1),
     }
     return {name: torch.where(n > 0, value, torch.zeros_like(value)) for name, value in details.items()}
+
+
+def exclusive_rows(rows: np.ndarray, n: int, chunk: int = 65536) -> Tensor:
+    """(n, n) True where detector rows r and s fill one slot of a query ("red" / "blue", "dress" / "sofa"):
+    over these (Q, T) query rows (UNKNOWN where no word), they share fewer queries than EXCLUSIVE_RATIO times
+    chance (count_r * count_s / Q). A row repeated within a query counts once."""
+    together = np.zeros(n * n, dtype=np.int64)
+    for start in range(0, len(rows), chunk):
+        r = np.sort(rows[start:start + chunk].astype(np.int64), axis=1)  # (C, T)
+        r[:, 1:][r[:, 1:] == r[:, :-1]] = UNKNOWN  # each row once per query
+        known = r != UNKNOWN
+        pairs = (r[:, :, None] * n + r[:, None, :])[known[:, :, None] & known[:, None, :]]  # (C, T, T) -> pairs
+        together += np.bincount(pairs, minlength=n * n)
+    together = together.reshape(n, n)
+    count = np.diag(together).astype(np.float64)
+    expected = np.outer(count, count) / max(len(rows), 1)
+    return torch.from_numpy(together < EXCLUSIVE_RATIO * expected)
 
 
 def box_geometry(img_box: Tensor) -> Tensor:
@@ -142,14 +168,14 @@ class Detector(nn.Module):
         nn.init.uniform_(self.detectors.weight, -bound, bound)
         nn.init.zeros_(self.bias.weight)
 
-    def loss(self, batch: dict[str, Tensor], vocab: Tensor, target: Tensor) -> Tensor:
+    def loss(self, batch: dict[str, Tensor], vocab: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
         """BCE of each image's (B, U) word logits (its boxes' log-mean-exp) against the (B, U) targets."""
         h = self.boxes(batch)  # (B, N, H)
         logits = h @ self.detectors(vocab).T + self.bias(vocab).T  # (B, N, U)
         mask = batch["img_mask"].bool()
         logits = logits.masked_fill(~mask[..., None], float("-inf"))
         image = torch.logsumexp(logits, dim=1) - torch.log(mask.sum(1, keepdim=True).clamp(min=1))  # (B, U) log-mean-exp
-        return F.binary_cross_entropy_with_logits(image, target)
+        return F.binary_cross_entropy_with_logits(image, target, weight=weight)
 
     def forward(self, batch: dict[str, Tensor], rows: Tensor, valid: Tensor) -> RankerOutput:
         h = self.boxes(batch)  # (B, N, H)
@@ -174,6 +200,8 @@ class WordDetector(nn.Module):
         self.nets = nn.ModuleList(Detector(cfg) for _ in range(cfg.bag))
         # token id -> detector row; all UNKNOWN until fit_vocabulary (saved with the weights)
         self.register_buffer("word_row", torch.zeros(token_vocab_size, dtype=torch.long))
+        # (max_words, max_words) exclusive_rows of the train queries: set by fit_vocabulary, used by training only
+        self.register_buffer("exclusive", None, persistent=False)
 
     @classmethod
     def from_config(cls, cfg: WordDetectorConfig) -> WordDetector:
@@ -199,6 +227,8 @@ class WordDetector(nn.Module):
         kept = sorted(counts, key=lambda t: (-counts[t], t))[: self.cfg.max_words - 1]
         self.word_row.zero_()
         self.word_row[torch.tensor(sorted(kept), dtype=torch.long)] = torch.arange(1, len(kept) + 1)
+        rows = np.where(words, self.word_row[torch.from_numpy(input_ids)].numpy(), UNKNOWN)  # (Q, T)
+        self.exclusive = exclusive_rows(rows, self.cfg.max_words)
 
     def words(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(B, T) detector row of each query token and (B, T) True at each distinct known word."""
@@ -214,7 +244,19 @@ class WordDetector(nn.Module):
         vocab, inverse = torch.unique(rows[valid], return_inverse=True)  # (U,) the batch's words
         target = torch.zeros(len(rows), len(vocab), device=rows.device)  # (B, U)
         target[valid.nonzero()[:, 0], inverse] = 1.0
-        return torch.stack([net.loss(batch, vocab, target) for net in self.nets]).mean()
+        weight = self.target_weights(rows, valid, vocab, target)
+        return torch.stack([net.loss(batch, vocab, target, weight) for net in self.nets]).mean()
+
+    def target_weights(self, rows: Tensor, valid: Tensor, vocab: Tensor, target: Tensor) -> Tensor | None:
+        """(B, U) loss weights: 1 for an image's own words and for the words its query excludes ("blue" for
+        "red dress"), `open_negative_weight` for the others ("red" for "cotton dress": it may well be red).
+        None when that weight is 1."""
+        if self.cfg.open_negative_weight == 1.0:
+            return None
+        if self.exclusive is None:
+            raise RuntimeError("word_detector: fit_vocabulary must run before training")
+        excluded = (self.exclusive[vocab][:, rows] & valid[None]).any(-1).T  # (U, B, T) -> (B, U)
+        return torch.where((target > 0) | excluded, 1.0, self.cfg.open_negative_weight)
 
     def forward(self, batch: dict[str, Tensor]) -> RankerOutput:
         rows, valid = self.words(batch)
