@@ -176,9 +176,11 @@ def build_trainer(setup: TrainSetup, ckpt_dir: Path, progress: bool = True, call
     return trainer, best
 
 
-# Warnings Lightning repeats at every evaluation period that say nothing about the run: torch's pytree
-# deprecation raised inside Lightning's own code, and a note on multi-worker loading (batches are built in-process).
-REPEATED_WARNINGS = (r".*isinstance\(treespec, LeafSpec\)", r"Your `IterableDataset` has `__len__` defined")
+# Warnings of Lightning that say nothing about the run: torch's pytree deprecation raised inside Lightning's own
+# code, a note on multi-worker loading (batches are built in-process), both repeated at every evaluation period,
+# and "Checkpoint directory ... exists and is not empty" (checkpoint_dir keeps its params_hash marker there).
+REPEATED_WARNINGS = (r".*isinstance\(treespec, LeafSpec\)", r"Your `IterableDataset` has `__len__` defined",
+                     r"Checkpoint directory .* exists and is not empty")
 
 
 def train(setup: TrainSetup, trainer: L.Trainer, resume_from: Path | None = None) -> float:
