@@ -190,7 +190,8 @@ def test_checkpoints_from_before_the_bag_load(tokenizer, tmp_path):
     import dataclasses
 
     model = detector(tokenizer, box_input=False)
-    config = {k: v for k, v in dataclasses.asdict(model.cfg).items() if k not in ("bag", "box_input", "open_negative_weight")}
+    later = ("bag", "box_input", "open_negative_weight")
+    config = {k: v for k, v in dataclasses.asdict(model.cfg).items() if k not in later}
     state = {k.removeprefix("nets.0."): v for k, v in model.state_dict().items()}
     assert "detectors.weight" in state and not any(k.startswith("nets.") for k in state)
     torch.save({"model": "word_detector", "config": config, "state_dict": state}, tmp_path / "model.pt")
@@ -220,7 +221,8 @@ def test_exclusive_rows_are_words_of_one_slot():
 def test_open_negatives_count_less(tokenizer):
     """An image of "red dress" is a sure negative of "sofa" (excluded by "dress") but an open one of "cotton"
     (its query says nothing of the material): the loss weighs that target open_negative_weight."""
-    texts = [" ".join(f"{c} {m} {k}".split()) for c in ("red", "blue", "") for m in ("cotton", "") for k in ("dress", "sofa")]
+    texts = [" ".join(f"{c} {m} {k}".split())
+             for c in ("red", "blue", "") for m in ("cotton", "") for k in ("dress", "sofa")]
     batch = {**tokenizer(["red dress", "cotton sofa"], padding=True, return_tensors="pt"),
              **{k: v[:2] for k, v in make_batch(tokenizer).items() if k.startswith("img_")}}
     model = detector(tokenizer, texts, open_negative_weight=0.2).train()

@@ -65,7 +65,8 @@ class WordDetectorConfig:
     feature_norm: bool = True  # LayerNorm on the 2048-d ROI features (see image_input.feature_norm)
     backbone: str = SHIPPED  # the tokenizer whose token ids name the words
 
-    LATER_FIELDS: ClassVar[dict] = {"bag": 1, "box_input": False, "open_negative_weight": 1.0}  # what a checkpoint saved before the field was trained with
+    # what a checkpoint saved before the field was trained with
+    LATER_FIELDS: ClassVar[dict] = {"bag": 1, "box_input": False, "open_negative_weight": 1.0}
 
 
 def query_words(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -105,14 +106,15 @@ def word_details(best_box: Tensor, own_box: Tensor, valid: Tensor) -> dict[str, 
 def exclusive_rows(rows: np.ndarray, n: int, chunk: int = 65536) -> Tensor:
     """(n, n) True where detector rows r and s fill one slot of a query ("red" / "blue", "dress" / "sofa"):
     over these (Q, T) query rows (UNKNOWN where no word), they share fewer queries than EXCLUSIVE_RATIO times
-    chance (count_r * count_s / Q). A row repeated within a query counts once."""
-    together = np.zeros(n * n, dtype=np.int64)
+    chance (count_r * count_s / Q). A row repeated within a query counts once. Memory: about 22 n^2 bytes
+    while counting (the default 4096 rows: 370 MB), n^2 bytes kept."""
+    together = np.zeros(n * n, dtype=np.int32)
     for start in range(0, len(rows), chunk):
         r = np.sort(rows[start:start + chunk].astype(np.int64), axis=1)  # (C, T)
         r[:, 1:][r[:, 1:] == r[:, :-1]] = UNKNOWN  # each row once per query
         known = r != UNKNOWN
         pairs = (r[:, :, None] * n + r[:, None, :])[known[:, :, None] & known[:, None, :]]  # (C, T, T) -> pairs
-        together += np.bincount(pairs, minlength=n * n)
+        together += np.bincount(pairs, minlength=n * n).astype(np.int32)
     together = together.reshape(n, n)
     count = np.diag(together).astype(np.float64)
     expected = np.outer(count, count) / max(len(rows), 1)
@@ -200,7 +202,7 @@ class WordDetector(nn.Module):
         self.nets = nn.ModuleList(Detector(cfg) for _ in range(cfg.bag))
         # token id -> detector row; all UNKNOWN until fit_vocabulary (saved with the weights)
         self.register_buffer("word_row", torch.zeros(token_vocab_size, dtype=torch.long))
-        # (max_words, max_words) exclusive_rows of the train queries: set by fit_vocabulary, used by training only
+        # (max_words, max_words) exclusive_rows of the train queries: set by fit_vocabulary, used in training only
         self.register_buffer("exclusive", None, persistent=False)
 
     @classmethod
@@ -227,8 +229,9 @@ class WordDetector(nn.Module):
         kept = sorted(counts, key=lambda t: (-counts[t], t))[: self.cfg.max_words - 1]
         self.word_row.zero_()
         self.word_row[torch.tensor(sorted(kept), dtype=torch.long)] = torch.arange(1, len(kept) + 1)
-        rows = np.where(words, self.word_row[torch.from_numpy(input_ids)].numpy(), UNKNOWN)  # (Q, T)
-        self.exclusive = exclusive_rows(rows, self.cfg.max_words)
+        if self.cfg.open_negative_weight != 1.0:  # target_weights needs them
+            rows = np.where(words, self.word_row[torch.from_numpy(input_ids)].numpy(), UNKNOWN)  # (Q, T)
+            self.exclusive = exclusive_rows(rows, self.cfg.max_words)
 
     def words(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(B, T) detector row of each query token and (B, T) True at each distinct known word."""
