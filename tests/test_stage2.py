@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from mmrecall import cli, tracking
-from mmrecall.config import PrepareParams, RerankParams, SmoothParams, load_params
+from mmrecall.config import ParamsError, PrepareParams, RerankParams, SmoothParams, load_params
 from mmrecall.data.ingest import ingest_tsv
 from mmrecall.errors import MissingLoggedMemberError, UserError
 from mmrecall.data.store import FeatureStore
@@ -121,7 +121,7 @@ def test_no_fold_ever_sees_its_own_queries():
     secret = {qq: int(rng.integers(2)) for qq in np.unique(q)}  # a query's label, learnable only from its id
     y = np.array([secret[qq] for qq in q], np.float64)
     X = pd.DataFrame({"query_id": q.astype(np.float32), "noise": rng.normal(size=len(q)).astype(np.float32)})
-    rp = RerankParams(folds=5, seed=1)
+    rp = RerankParams(folds=5, seed=1, repeats=1)
     rp.lgbm.min_data_in_leaf = 5
     rp.lgbm.num_boost_round = 200
     result = reranker.fit_oof(X, y, q, {"test": X.iloc[:30]}, rp)
@@ -142,6 +142,39 @@ def test_no_fold_ever_sees_its_own_queries():
     in_sample = np.mean([((b.predict(X) > 0.5) == y).mean() for b in result.boosters])
     out_of_fold = ((result.oof > 0.5) == y).mean()
     assert in_sample > 0.75 and out_of_fold < 0.7, (in_sample, out_of_fold)
+
+
+def test_repeated_rounds_hold_each_query_out_once_per_round():
+    """repeats=3: three rounds with their own folds; a valid row's prediction is the mean of the 3 boosters that
+    held its query out, a test row's the mean of all 15; the first round is the single-round fit."""
+    rng = np.random.default_rng(0)
+    q = np.repeat(np.arange(30), 10)
+    y = (rng.random(len(q)) < 0.3).astype(np.float64)
+    X = pd.DataFrame({"signal": (y + rng.normal(scale=0.8, size=len(q))).astype(np.float32),
+                      "noise": rng.normal(size=len(q)).astype(np.float32)})
+    rp = RerankParams(folds=5, seed=1, repeats=3)
+    rp.lgbm.min_data_in_leaf = 5
+    result = reranker.fit_oof(X, y, q, {"test": X.iloc[:40]}, rp)
+    assert len(result.boosters) == 15 and [f["repeat"] for f in result.folds] == [0] * 5 + [1] * 5 + [2] * 5
+
+    expected = np.zeros(len(q))
+    for booster, fold in zip(result.boosters, result.folds):
+        held = np.isin(q, fold["held_out"])
+        expected[held] += booster.predict(X[held], num_iteration=fold["best_iteration"]) / 3
+    np.testing.assert_allclose(result.oof, expected)
+    tests = np.mean([b.predict(X.iloc[:40], num_iteration=f["best_iteration"]) for b, f in zip(result.boosters, result.folds)], 0)
+    np.testing.assert_allclose(result.tests["test"], tests)
+    for r in range(3):
+        held = [sorted(f["held_out"]) for f in result.folds if f["repeat"] == r]
+        assert sorted(sum(held, [])) == list(range(30))  # each query once per round
+    first = [sorted(f["held_out"]) for f in result.folds[:5]]
+    assert first != [sorted(f["held_out"]) for f in result.folds[5:10]]  # rounds differ
+
+    single = reranker.fit_oof(X, y, q, {"test": X.iloc[:40]}, RerankParams(folds=5, seed=1, repeats=1, lgbm=rp.lgbm))
+    assert [sorted(f["held_out"]) for f in single.folds] == first
+    np.testing.assert_allclose(single.boosters[0].predict(X), result.boosters[0].predict(X))
+    with pytest.raises(ParamsError, match="repeats"):
+        RerankParams(repeats=0)
 
 
 # --- learned ensemble weights ------------------------------------------------------------------------

@@ -253,6 +253,7 @@ class RerankParams:
     smoothing: bool = False  # feed the members smoothed boxes (outputs/smoothed/<member>, the smooth stage)
     objective: str = "binary"  # binary | lambdarank
     folds: int = 5  # query-grouped folds over valid
+    repeats: int = 3  # rounds of K-fold, each with its own folds and seed (folds x repeats boosters, averaged)
     seed: int = 0  # fold assignment and LightGBM seed
     early_stopping_share: float = 0.2  # share of each fold's training queries held out for early stopping
     pca_dims: int = 8  # components of each member's fused vector (0 = scores only)
@@ -262,6 +263,8 @@ class RerankParams:
     lgbm: LGBMParams = field(default_factory=LGBMParams)
 
     def __post_init__(self):
+        if self.repeats < 1:
+            raise ParamsError(f"params.yaml rerank.repeats: expected at least 1 round of K-fold, got {self.repeats}")
         if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.consensus):
             raise ParamsError(f"params.yaml rerank.consensus: expected positive integers (how many best other "
                               f"candidates a candidate is compared with), got {self.consensus!r}")

@@ -5,11 +5,13 @@ The 1st place fitted one LightGBM per checkpoint on valid; here one model takes 
 
 Honest evaluation: queries of valid are split into `folds` groups; every valid row gets its prediction
 from the booster of the fold that held its query out, and that booster early-stops on a share of ITS
-training queries. The out-of-fold valid NDCG@5 is the honest one. Test rows get the mean prediction
-over the fold boosters.
+training queries. The out-of-fold valid NDCG@5 is the honest one. With `repeats` R > 1 this is done R
+times with other folds and seeds: a valid row gets the mean of its R held-out boosters (still honest),
+a test row the mean of all folds x R boosters. On valid out of fold, 3 rounds lifted the re-ranker on
+the hardest world every time (BENCHMARKS.md).
 
 The folder (models/rerank/ by default), written by `save` and read by `load`: booster_fold<i>.txt
-(LightGBM text files), pca.npz (each member's fused mean and components), counts.parquet (candidate
+(LightGBM text files, i over folds x repeats), pca.npz (each member's fused mean and components), counts.parquet (candidate
 counts over the evaluation files), spec.json (members, feature names, preprocessing settings, honest
 metrics).
 """
@@ -70,36 +72,42 @@ class OOFResult:
     oof: np.ndarray  # valid predictions, each from the booster that never saw its query
     tests: dict[str, np.ndarray]  # other splits: mean over the fold boosters
     boosters: list[lgb.Booster]
-    folds: list[dict]  # per fold: held-out, training and early-stopping query ids, best iteration
+    folds: list[dict]  # per booster: its round and fold, held-out, training and early-stopping query ids, best iteration
 
 
 def fit_oof(X: pd.DataFrame, y: np.ndarray, query_ids: np.ndarray, tests: dict[str, pd.DataFrame], rp: RerankParams) -> OOFResult:
+    """`rp.repeats` rounds of query-grouped K-fold, round r with seed `rp.seed + r` (its own folds, early-stopping
+    queries and LightGBM seed). A valid row's prediction is the mean of the boosters that never saw its query (one
+    per round), a test row's the mean of all boosters."""
     params, rounds = lgb_params(rp)
     ranking = rp.objective == "lambdarank"
-    fold = query_folds(query_ids, rp.folds, rp.seed)
-    oof = np.full(len(X), np.nan)
+    oof = np.zeros(len(X))
     test_preds = {s: np.zeros(len(t)) for s, t in tests.items()}
     boosters, info = [], []
-    for k in range(rp.folds):
-        held = np.flatnonzero(fold == k)
-        train_q = np.unique(query_ids[fold != k])
-        rng = np.random.default_rng([rp.seed, k])
-        n_es = max(1, int(round(rp.early_stopping_share * len(train_q))))
-        es_q = rng.choice(train_q, size=n_es, replace=False)
-        fit_q = np.setdiff1d(train_q, es_q)
-        fit_idx = np.flatnonzero(np.isin(query_ids, fit_q))
-        es_idx = np.flatnonzero(np.isin(query_ids, es_q))
-        dtrain = _dataset(X, y, query_ids, fit_idx, ranking)
-        dvalid = _dataset(X, y, query_ids, es_idx, ranking, reference=dtrain)
-        booster = lgb.train(params, dtrain, num_boost_round=rounds["num_boost_round"], valid_sets=[dvalid],
-                            callbacks=[lgb.early_stopping(rounds["early_stopping_rounds"], verbose=False)])
-        best = booster.best_iteration or booster.current_iteration()
-        oof[held] = booster.predict(X.iloc[held], num_iteration=best)
-        for s, t in tests.items():
-            test_preds[s] += booster.predict(t, num_iteration=best) / rp.folds
-        boosters.append(booster)
-        info.append({"fold": k, "held_out": np.unique(query_ids[held]).tolist(), "fit": fit_q.tolist(),
-                     "early_stopping": np.sort(es_q).tolist(), "best_iteration": int(best)})
+    for r in range(rp.repeats):
+        seed = rp.seed + r
+        fold = query_folds(query_ids, rp.folds, seed)
+        for k in range(rp.folds):
+            held = np.flatnonzero(fold == k)
+            train_q = np.unique(query_ids[fold != k])
+            rng = np.random.default_rng([seed, k])
+            n_es = max(1, int(round(rp.early_stopping_share * len(train_q))))
+            es_q = rng.choice(train_q, size=n_es, replace=False)
+            fit_q = np.setdiff1d(train_q, es_q)
+            fit_idx = np.flatnonzero(np.isin(query_ids, fit_q))
+            es_idx = np.flatnonzero(np.isin(query_ids, es_q))
+            dtrain = _dataset(X, y, query_ids, fit_idx, ranking)
+            dvalid = _dataset(X, y, query_ids, es_idx, ranking, reference=dtrain)
+            booster = lgb.train({**params, "seed": seed}, dtrain, num_boost_round=rounds["num_boost_round"],
+                                valid_sets=[dvalid],
+                                callbacks=[lgb.early_stopping(rounds["early_stopping_rounds"], verbose=False)])
+            best = booster.best_iteration or booster.current_iteration()
+            oof[held] += booster.predict(X.iloc[held], num_iteration=best) / rp.repeats
+            for s, t in tests.items():
+                test_preds[s] += booster.predict(t, num_iteration=best) / (rp.folds * rp.repeats)
+            boosters.append(booster)
+            info.append({"repeat": r, "fold": k, "held_out": np.unique(query_ids[held]).tolist(), "fit": fit_q.tolist(),
+                         "early_stopping": np.sort(es_q).tolist(), "best_iteration": int(best)})
     return OOFResult(oof, test_preds, boosters, info)
 
 

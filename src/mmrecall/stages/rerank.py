@@ -81,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mmrecall rerank",
         description="Ensemble of the members (weighted sum of probabilities) and a LightGBM re-ranker fitted on "
-        "valid with query-grouped K-fold: every valid row is scored by a booster that never saw its query "
-        "(the honest NDCG@5), test rows by the mean of the fold boosters. Writes outputs/ensemble/, "
+        "valid with query-grouped K-fold, repeated `rerank.repeats` times with other folds: every valid row is "
+        "scored by the boosters that never saw its query (the honest NDCG@5), test rows by the mean of all "
+        "fold boosters. Writes outputs/ensemble/, "
         "outputs/rerank/ (and -knn variants when `mmrecall smooth` ran), models/rerank/ and metrics/rerank.json.",
     )
     parser.add_argument("--params", type=user_path, help="params file (default: the repository's params.yaml)")
