@@ -101,7 +101,7 @@ class TrainParams:
 
     models: list[str] = field(default_factory=lambda: ["mcan", "word_detector"])
     seeds: list[int] = field(default_factory=lambda: [1])  # CPU default: one long member per model beat two short ones
-    steps: int = 1000  # optimizer steps per member (sized for the 15-minute make repro)
+    steps: int = 400  # optimizer steps per member (mcan's on CPU: 400 or 1000 give the same re-ranker, BENCHMARKS.md)
     eval_every: int = 100  # valid NDCG@5 (and a checkpoint) every N steps
     patience: int = 0  # stop after this many evaluations without a better valid NDCG@5 (0 = run all steps)
     batch_size: int = 128  # triples (query, positive, negative); pairs for the in-batch losses
