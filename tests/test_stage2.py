@@ -281,7 +281,7 @@ def test_rerank_outputs_and_ranker_reproduces_them(in_repo):
     root, params, report = in_repo
     spec = json.loads((root / "models" / "rerank" / "spec.json").read_text())
     assert spec["members"] == ["mcan-seed1", "mcan-seed2", "word_detector-seed1", "word_detector-seed2"]
-    assert len(list((root / "models" / "rerank").glob("booster_fold*.txt"))) == 4
+    assert len(list((root / "models" / "rerank").glob("booster_fold*.txt"))) == spec["folds"] == 4 * 3  # folds x repeats
     names = spec["names"]
     assert {"word_detector-seed1.word_min", "word_detector-seed1.word_min.rank"} <= set(names)  # its details
     assert spec["consensus"] == [1, 3, 5, 10] and {"mcan-seed1.consensus3", "mcan-seed1.consensus3.z"} <= set(names)
