@@ -79,6 +79,28 @@ def test_consensus_is_the_mean_similarity_to_the_best_other_candidates():
     assert got["consensus1"][0] == 0.0 and got["consensus10"][1] == got["consensus1"][1]
 
 
+def test_second_consensus_round_ranks_by_score_plus_first_round():
+    """Round 2 is round 1's computation with the query's candidates ranked by z(score) + z(consensus5 of
+    round 1) instead of the score; round 1's features are the same with or without it."""
+    from mmrecall.ranking.features import consensus, per_query
+
+    rng = np.random.default_rng(2)
+    groups = rng.integers(0, 5, 150)
+    fused = rng.normal(size=(150, 12)).astype(np.float32)
+    mean = np.zeros(12, np.float32)
+    logits = rng.normal(size=150)
+    one = consensus(fused, mean, logits, groups, [1, 3])
+    two = consensus(fused, mean, logits, groups, [1, 3], rounds=2)
+    assert set(two) == {"consensus1", "consensus3", "consensus1_r2", "consensus3_r2"}
+    for k in (1, 3):
+        np.testing.assert_array_equal(two[f"consensus{k}"], one[f"consensus{k}"])
+    key = per_query(logits, groups)["z"] + per_query(consensus(fused, mean, logits, groups, [5])["consensus5"], groups)["z"]
+    again = consensus(fused, mean, key, groups, [1, 3])
+    for k in (1, 3):
+        np.testing.assert_allclose(two[f"consensus{k}_r2"], again[f"consensus{k}"], rtol=1e-6, atol=1e-7)
+    assert not np.allclose(two["consensus3_r2"], one["consensus3"])  # the reference set did change
+
+
 
 def test_smooth_pool_hand_computed():
     x = np.array([[0, 0], [1, 0], [3, 0], [10, 0]], np.float32)
@@ -175,6 +197,8 @@ def test_repeated_rounds_hold_each_query_out_once_per_round():
     np.testing.assert_allclose(single.boosters[0].predict(X), result.boosters[0].predict(X))
     with pytest.raises(ParamsError, match="repeats"):
         RerankParams(repeats=0)
+    with pytest.raises(ParamsError, match="consensus_rounds"):
+        RerankParams(consensus_rounds=0)
 
 
 # --- learned ensemble weights ------------------------------------------------------------------------
@@ -285,6 +309,7 @@ def test_rerank_outputs_and_ranker_reproduces_them(in_repo):
     names = spec["names"]
     assert {"word_detector-seed1.word_min", "word_detector-seed1.word_min.rank"} <= set(names)  # its details
     assert spec["consensus"] == [1, 3, 5, 10] and {"mcan-seed1.consensus3", "mcan-seed1.consensus3.z"} <= set(names)
+    assert spec["consensus_rounds"] == 2 and {"word_detector-seed1.consensus5_r2.rank"} <= set(names)
     assert 0 <= report["rerank"]["valid"]["ndcg_at_5"] <= 1
     ranker = Ranker.load({"rerank": "models/rerank", **{f"member.{m}": str(members.checkpoint_path(m)) for m in spec["members"]}})
     table = read_candidates(root / "data" / "testA" / "testA.tsv")

@@ -258,6 +258,7 @@ class RerankParams:
     early_stopping_share: float = 0.2  # share of each fold's training queries held out for early stopping
     pca_dims: int = 8  # components of each member's fused vector (0 = scores only)
     consensus: list[int] = field(default_factory=lambda: [1, 3, 5, 10])  # k's of the consensus features ([] = none)
+    consensus_rounds: int = 2  # later rounds take the k best by score + the previous round's consensus at 5
     learn_weights: bool = True  # ensemble weights fitted on valid (out-of-fold for valid's own rows)
     ensemble_weights: dict = field(default_factory=dict)  # learn_weights false: member -> weight (missing = 1)
     lgbm: LGBMParams = field(default_factory=LGBMParams)
@@ -265,6 +266,9 @@ class RerankParams:
     def __post_init__(self):
         if self.repeats < 1:
             raise ParamsError(f"params.yaml rerank.repeats: expected at least 1 round of K-fold, got {self.repeats}")
+        if isinstance(self.consensus_rounds, bool) or not isinstance(self.consensus_rounds, int) or self.consensus_rounds < 1:
+            raise ParamsError(f"params.yaml rerank.consensus_rounds: expected a whole number of rounds, at least 1, "
+                              f"got {self.consensus_rounds!r}")
         if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.consensus):
             raise ParamsError(f"params.yaml rerank.consensus: expected positive integers (how many best other "
                               f"candidates a candidate is compared with), got {self.consensus!r}")

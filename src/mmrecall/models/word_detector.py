@@ -258,7 +258,7 @@ class WordDetector(nn.Module):
             return None
         if self.exclusive is None:
             raise RuntimeError("word_detector: fit_vocabulary must run before training")
-        excluded = (self.exclusive[vocab][:, rows] & valid[None]).any(-1).T  # (U, B, T) -> (B, U)
+        excluded = (self.exclusive[vocab[:, None, None], rows[None]] & valid[None]).any(-1).T  # (U, B, T) -> (B, U)
         return torch.where((target > 0) | excluded, 1.0, self.cfg.open_negative_weight)
 
     def forward(self, batch: dict[str, Tensor]) -> RankerOutput:

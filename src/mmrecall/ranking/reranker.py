@@ -11,9 +11,9 @@ a test row the mean of all folds x R boosters. On valid out of fold, 3 rounds li
 the hardest world every time (BENCHMARKS.md).
 
 The folder (models/rerank/ by default), written by `save` and read by `load`: booster_fold<i>.txt
-(LightGBM text files, i over folds x repeats), pca.npz (each member's fused mean and components), counts.parquet (candidate
-counts over the evaluation files), spec.json (members, feature names, preprocessing settings, honest
-metrics).
+(LightGBM text files, i over folds x repeats), pca.npz (each member's fused mean and components),
+counts.parquet (candidate counts over the evaluation files), spec.json (members, feature names, preprocessing
+settings, honest metrics).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _dataset(X: pd.DataFrame, y: np.ndarray, q: np.ndarray, idx: np.ndarray, ran
 
 @dataclass
 class OOFResult:
-    oof: np.ndarray  # valid predictions, each from the booster that never saw its query
+    oof: np.ndarray  # valid predictions, each the mean of the round boosters that never saw its query
     tests: dict[str, np.ndarray]  # other splits: mean over the fold boosters
     boosters: list[lgb.Booster]
     folds: list[dict]  # per booster: its round and fold, held-out, training and early-stopping query ids, best iteration
@@ -133,7 +133,7 @@ class Variant:
 
 
 def read_members(outputs_dir: Path, folders: list[str], names: list[str], stores: dict[str, FeatureStore],
-                 pca_dims: int, consensus: list[int] = ()
+                 pca_dims: int, consensus: list[int] = (), consensus_rounds: int = 1
                  ) -> tuple[dict[str, dict], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """({split: {member: MemberOutput}}, {member: (mean, components)}).
 
@@ -149,7 +149,7 @@ def read_members(outputs_dir: Path, folders: list[str], names: list[str], stores
             pca[name] = fit_pca([fused for _, fused, _ in member.values()], pca_dims)
         for s, (logits, fused, details) in member.items():
             outs[s][name] = member_output(logits, fused, details, stores[s].rows.query_id.to_numpy(), pca.get(name),
-                                          list(consensus))
+                                          list(consensus), consensus_rounds)
     return outs, pca
 
 
@@ -158,8 +158,10 @@ def fit_variant(params: Params, stores: dict[str, FeatureStore], counts: pd.Seri
     names = member_names(params, rp.members)
     outputs_dir = Path(params.data.outputs)
     folder = outputs.smoothed if smoothing else str
-    spec = FeatureSpec(names, rp.pca_dims, dict(rp.ensemble_weights), consensus=list(rp.consensus))
-    outs, pca = read_members(outputs_dir, [folder(m) for m in names], names, stores, rp.pca_dims, rp.consensus)
+    spec = FeatureSpec(names, rp.pca_dims, dict(rp.ensemble_weights), consensus=list(rp.consensus),
+                       consensus_rounds=rp.consensus_rounds)
+    outs, pca = read_members(outputs_dir, [folder(m) for m in names], names, stores, rp.pca_dims, rp.consensus,
+                             rp.consensus_rounds)
     valid = stores["valid"]
     labels, query_ids = labels_of(valid), valid.rows.query_id.to_numpy()
     valid_ensemble = None  # with learned weights: each valid row's from weights fitted on the other folds
@@ -196,6 +198,7 @@ def save(variant: Variant, params: Params, counts: pd.Series, smoothing: bool, m
         "members": variant.spec.members,
         "pca_dims": variant.spec.pca_dims,
         "consensus": variant.spec.consensus,
+        "consensus_rounds": variant.spec.consensus_rounds,
         "ensemble_weights": variant.spec.ensemble_weights,
         "names": variant.spec.names,
         "objective": params.rerank.objective,
@@ -221,7 +224,8 @@ class Saved:
     @property
     def feature_spec(self) -> FeatureSpec:
         s = self.spec
-        return FeatureSpec(s["members"], s["pca_dims"], s["ensemble_weights"], s["names"], s.get("consensus", []))
+        return FeatureSpec(s["members"], s["pca_dims"], s["ensemble_weights"], s["names"], s.get("consensus", []),
+                           s.get("consensus_rounds", 1))
 
 
 def load(folder: str | Path = MODEL_DIR) -> Saved:

@@ -179,7 +179,7 @@ def build_trainer(setup: TrainSetup, ckpt_dir: Path, progress: bool = True, call
 # Warnings of Lightning that say nothing about the run: torch's pytree deprecation raised inside Lightning's own
 # code, a note on multi-worker loading (batches are built in-process), both repeated at every evaluation period,
 # and "Checkpoint directory ... exists and is not empty" (checkpoint_dir keeps its params_hash marker there).
-REPEATED_WARNINGS = (r".*isinstance\(treespec, LeafSpec\)", r"Your `IterableDataset` has `__len__` defined",
+QUIET_WARNINGS = (r".*isinstance\(treespec, LeafSpec\)", r"Your `IterableDataset` has `__len__` defined",
                      r"Checkpoint directory .* exists and is not empty")
 
 
@@ -187,7 +187,7 @@ def train(setup: TrainSetup, trainer: L.Trainer, resume_from: Path | None = None
     """Run the training (from `resume_from`, a last.ckpt, if given); returns the wall time in seconds."""
     started = time.perf_counter()
     with warnings.catch_warnings():
-        for message in REPEATED_WARNINGS:
+        for message in QUIET_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
         trainer.fit(setup.module, datamodule=setup.datamodule, ckpt_path=str(resume_from) if resume_from else None)
     return time.perf_counter() - started
