@@ -176,17 +176,18 @@ def _batches(work: Path, size: int, fused_dim: int):
 def _rerank_features(work: Path, size: int, fused_dim: int):
     from mmrecall.config import RerankParams
     from mmrecall.data.store import FeatureStore
-    from mmrecall.ranking.features import FeatureSpec, build_features
-    from mmrecall.ranking.reranker import read_members
+    from mmrecall.ranking.features import build_features
+    from mmrecall.ranking.reranker import feature_spec, read_members
 
-    rp = RerankParams()  # the defaults: pca_dims 8, consensus [1, 3, 5, 10]
+    rp = RerankParams()  # the defaults: pca_dims 8, consensus [1, 3, 5, 10] in 2 rounds, density [3, 5]
 
     def run():
         root, names = work / f"eval{size}-{fused_dim}", ["m1", "m2"]
         stores = {"valid": FeatureStore.open(root / "features" / "valid")}
-        outs, _ = read_members(root / "outputs", names, names, stores, rp.pca_dims, rp.consensus)
+        spec = feature_spec(rp, names)
+        outs, _ = read_members(root / "outputs", names, stores, spec)
         counts = stores["valid"].rows.product_id.value_counts()
-        build_features(stores["valid"], outs["valid"], FeatureSpec(names, rp.pca_dims, {}, consensus=rp.consensus), counts)
+        build_features(stores["valid"], outs["valid"], spec, counts)
         return {}
     return run
 

@@ -101,6 +101,28 @@ def test_second_consensus_round_ranks_by_score_plus_first_round():
     assert not np.allclose(two["consensus3_r2"], one["consensus3"])  # the reference set did change
 
 
+def test_density_is_the_mean_similarity_to_the_most_similar_other_candidates():
+    """density<k> = mean cosine of a row's centred vector to its query's k most similar other rows (brute force
+    here), whatever the scores; fewer when the query is small, 0 for a lone candidate."""
+    from mmrecall.ranking.features import density
+
+    rng = np.random.default_rng(3)
+    groups = rng.integers(0, 4, 80) * 5
+    groups[:1], groups[1:4] = 1000, 2000  # a lone candidate and a query of three
+    fused = rng.normal(size=(80, 10)).astype(np.float16)
+    mean = rng.normal(size=10).astype(np.float32) * 0.1
+    got = density(fused, mean, groups, [1, 5])
+    f = fused.astype(np.float32) - mean
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    for k in (1, 5):
+        want = np.zeros(80)
+        for i in range(80):
+            sims = sorted((float(f[i] @ f[j]) for j in np.flatnonzero(groups == groups[i]) if j != i), reverse=True)
+            want[i] = np.mean(sims[:k]) if sims else 0.0
+        np.testing.assert_allclose(got[f"density{k}"], want, rtol=1e-4, atol=1e-5)
+    assert got["density1"][0] == 0.0 and got["density5"][1] == pytest.approx(np.mean([f[2] @ f[1], f[3] @ f[1]]), abs=1e-5)
+
+
 
 def test_smooth_pool_hand_computed():
     x = np.array([[0, 0], [1, 0], [3, 0], [10, 0]], np.float32)
@@ -199,6 +221,8 @@ def test_repeated_rounds_hold_each_query_out_once_per_round():
         RerankParams(repeats=0)
     with pytest.raises(ParamsError, match="consensus_rounds"):
         RerankParams(consensus_rounds=0)
+    with pytest.raises(ParamsError, match="rerank.density"):
+        RerankParams(density=[0])
 
 
 # --- learned ensemble weights ------------------------------------------------------------------------
@@ -310,6 +334,7 @@ def test_rerank_outputs_and_ranker_reproduces_them(in_repo):
     assert {"word_detector-seed1.word_min", "word_detector-seed1.word_min.rank"} <= set(names)  # its details
     assert spec["consensus"] == [1, 3, 5, 10] and {"mcan-seed1.consensus3", "mcan-seed1.consensus3.z"} <= set(names)
     assert spec["consensus_rounds"] == 2 and {"word_detector-seed1.consensus5_r2.rank"} <= set(names)
+    assert spec["density"] == [3, 5] and {"mcan-seed2.density3", "word_detector-seed2.density5.z"} <= set(names)
     assert 0 <= report["rerank"]["valid"]["ndcg_at_5"] <= 1
     ranker = Ranker.load({"rerank": "models/rerank", **{f"member.{m}": str(members.checkpoint_path(m)) for m in spec["members"]}})
     table = read_candidates(root / "data" / "testA" / "testA.tsv")

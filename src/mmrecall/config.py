@@ -259,6 +259,7 @@ class RerankParams:
     pca_dims: int = 8  # components of each member's fused vector (0 = scores only)
     consensus: list[int] = field(default_factory=lambda: [1, 3, 5, 10])  # k's of the consensus features ([] = none)
     consensus_rounds: int = 2  # later rounds take the k best by score + the previous round's consensus at 5
+    density: list[int] = field(default_factory=lambda: [3, 5])  # k's of the density features ([] = none)
     learn_weights: bool = True  # ensemble weights fitted on valid (out-of-fold for valid's own rows)
     ensemble_weights: dict = field(default_factory=dict)  # learn_weights false: member -> weight (missing = 1)
     lgbm: LGBMParams = field(default_factory=LGBMParams)
@@ -269,9 +270,11 @@ class RerankParams:
         if isinstance(self.consensus_rounds, bool) or not isinstance(self.consensus_rounds, int) or self.consensus_rounds < 1:
             raise ParamsError(f"params.yaml rerank.consensus_rounds: expected a whole number of rounds, at least 1, "
                               f"got {self.consensus_rounds!r}")
-        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.consensus):
-            raise ParamsError(f"params.yaml rerank.consensus: expected positive integers (how many best other "
-                              f"candidates a candidate is compared with), got {self.consensus!r}")
+        for key in ("consensus", "density"):
+            ks = getattr(self, key)
+            if not isinstance(ks, list) or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+                raise ParamsError(f"params.yaml rerank.{key}: expected a list of positive integers (how many other "
+                                  f"candidates a candidate is compared with), got {ks!r}")
 
 
 @dataclass

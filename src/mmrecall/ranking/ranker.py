@@ -118,8 +118,7 @@ class Ranker:
         for name, member in self.members.items():
             scores, fused = members_mod.score(member, store)
             outputs[name] = member_output(scores.score.to_numpy(), fused, table_details(scores),
-                                          store.rows.query_id.to_numpy(), self.pca.get(name), self.feature_spec.consensus,
-                                          self.feature_spec.consensus_rounds)
+                                          store.rows.query_id.to_numpy(), self.pca.get(name), self.feature_spec)
         in_table = store.rows.product_id.value_counts()
         counts = pd.concat([self.counts.reindex(in_table.index).fillna(0), in_table], axis=1).max(axis=1)
         X, ensemble = build_features(store, outputs, self.feature_spec, counts)

@@ -132,25 +132,30 @@ class Variant:
     importance: dict[str, float]
 
 
-def read_members(outputs_dir: Path, folders: list[str], names: list[str], stores: dict[str, FeatureStore],
-                 pca_dims: int, consensus: list[int] = (), consensus_rounds: int = 1
+def read_members(outputs_dir: Path, folders: list[str], stores: dict[str, FeatureStore], spec: FeatureSpec
                  ) -> tuple[dict[str, dict], dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """({split: {member: MemberOutput}}, {member: (mean, components)}).
+    """({split: {member: MemberOutput}}, {member: (mean, components)}) of `spec.members`, read from `folders`.
 
     One member at a time: its fused vectors (memory-mapped) are read in chunks by the PCA and the
-    projection, one query at a time by the consensus features, and only their `pca_dims` components and
-    the consensus values are kept, so memory does not grow with the members.
+    projection, one query at a time by the consensus and density features, and only their `pca_dims`
+    components and those features are kept, so memory does not grow with the members.
     """
     outs: dict[str, dict] = {s: {} for s in stores}
     pca = {}
-    for name, folder in zip(names, folders):
+    for name, folder in zip(spec.members, folders):
         member = {s: outputs.read_member(outputs_dir, folder, s, st) for s, st in stores.items()}
-        if pca_dims or consensus:
-            pca[name] = fit_pca([fused for _, fused, _ in member.values()], pca_dims)
+        if spec.uses_fused:
+            pca[name] = fit_pca([fused for _, fused, _ in member.values()], spec.pca_dims)
         for s, (logits, fused, details) in member.items():
             outs[s][name] = member_output(logits, fused, details, stores[s].rows.query_id.to_numpy(), pca.get(name),
-                                          list(consensus), consensus_rounds)
+                                          spec)
     return outs, pca
+
+
+def feature_spec(rp: RerankParams, members: list[str]) -> FeatureSpec:
+    """The features `rp` asks for (names are filled in by the first build)."""
+    return FeatureSpec(members, rp.pca_dims, dict(rp.ensemble_weights), consensus=list(rp.consensus),
+                       consensus_rounds=rp.consensus_rounds, density=list(rp.density))
 
 
 def fit_variant(params: Params, stores: dict[str, FeatureStore], counts: pd.Series, smoothing: bool) -> Variant:
@@ -158,10 +163,8 @@ def fit_variant(params: Params, stores: dict[str, FeatureStore], counts: pd.Seri
     names = member_names(params, rp.members)
     outputs_dir = Path(params.data.outputs)
     folder = outputs.smoothed if smoothing else str
-    spec = FeatureSpec(names, rp.pca_dims, dict(rp.ensemble_weights), consensus=list(rp.consensus),
-                       consensus_rounds=rp.consensus_rounds)
-    outs, pca = read_members(outputs_dir, [folder(m) for m in names], names, stores, rp.pca_dims, rp.consensus,
-                             rp.consensus_rounds)
+    spec = feature_spec(rp, names)
+    outs, pca = read_members(outputs_dir, [folder(m) for m in names], stores, spec)
     valid = stores["valid"]
     labels, query_ids = labels_of(valid), valid.rows.query_id.to_numpy()
     valid_ensemble = None  # with learned weights: each valid row's from weights fitted on the other folds
@@ -199,6 +202,7 @@ def save(variant: Variant, params: Params, counts: pd.Series, smoothing: bool, m
         "pca_dims": variant.spec.pca_dims,
         "consensus": variant.spec.consensus,
         "consensus_rounds": variant.spec.consensus_rounds,
+        "density": variant.spec.density,
         "ensemble_weights": variant.spec.ensemble_weights,
         "names": variant.spec.names,
         "objective": params.rerank.objective,
@@ -225,7 +229,7 @@ class Saved:
     def feature_spec(self) -> FeatureSpec:
         s = self.spec
         return FeatureSpec(s["members"], s["pca_dims"], s["ensemble_weights"], s["names"], s.get("consensus", []),
-                           s.get("consensus_rounds", 1))
+                           s.get("consensus_rounds", 1), s.get("density", []))
 
 
 def load(folder: str | Path = MODEL_DIR) -> Saved:
@@ -235,7 +239,7 @@ def load(folder: str | Path = MODEL_DIR) -> Saved:
     spec = json.loads((folder / SPEC).read_text())
     boosters = [lgb.Booster(model_file=str(folder / f"booster_fold{i}.txt")) for i in range(spec["folds"])]
     pca = {}
-    if spec["pca_dims"] or spec.get("consensus"):
+    if spec["pca_dims"] or spec.get("consensus") or spec.get("density"):
         with np.load(folder / PCA) as z:
             pca = {m: (z[f"{m}.mean"], z[f"{m}.components"]) for m in spec["members"]}
     counts = pd.read_parquet(folder / COUNTS).set_index("product_id")["count"]
