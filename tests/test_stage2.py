@@ -30,7 +30,7 @@ from mmrecall.ranking.ensemble import ensemble_scores, learn_weights, learn_weig
 from mmrecall.ranking.features import FeatureSpec, MemberOutput, build_features
 from mmrecall.ranking.ranker import CandidateTableError, Ranker, candidate_store, read_candidates
 from mmrecall.ranking.smoothing import smooth_features, smooth_pool, smoothed_store
-from mmrecall.stages import predict, prepare, register, rerank
+from mmrecall.stages import predict, prepare, register, rerank, smooth
 from mmrecall.training.fit import log_checkpoint
 
 # --- smoothing ---------------------------------------------------------------------------------------
@@ -225,6 +225,21 @@ def test_repeated_rounds_hold_each_query_out_once_per_round():
         RerankParams(density=[0])
 
 
+def test_smoothed_views_are_the_named_members_among_the_re_rankers(tmp_path):
+    """rerank.smoothed_views: a model name stands for its members; a view of no re-ranker member is left out."""
+    from mmrecall.ranking.reranker import smoothed_views
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {"models": ["mcan", "word_detector"], "seeds": [1, 2]}}))
+    p = load_params(tmp_path / "params.yaml")
+    everyone = ["mcan-seed1", "mcan-seed2", "word_detector-seed1", "word_detector-seed2"]
+    assert smoothed_views(p, everyone) == ["word_detector-seed1", "word_detector-seed2"]  # the default
+    assert smoothed_views(p, ["mcan-seed1", "word_detector-seed2"]) == ["word_detector-seed2"]
+    p.rerank.smoothed_views = ["mcan-seed2", "word_detector"]
+    assert smoothed_views(p, everyone) == ["mcan-seed2", "word_detector-seed1", "word_detector-seed2"]
+    p.rerank.smoothed_views = []
+    assert smoothed_views(p, everyone) == []
+
+
 # --- learned ensemble weights ------------------------------------------------------------------------
 
 
@@ -312,6 +327,7 @@ def ranker_repo(tmp_path_factory, micro_data):
                 for split in ("valid", "testA"):
                     table, fused = members.score(m, FeatureStore.open(Path("features") / split))
                     outputs.write("outputs", f"{name}-seed{seed}", split, table, fused)
+        smooth.run(p)  # every member on smoothed boxes: the word detectors' smoothed views join the re-ranker
         report = rerank.run(p)
         yield root, p, report
     finally:
@@ -335,6 +351,9 @@ def test_rerank_outputs_and_ranker_reproduces_them(in_repo):
     assert spec["consensus"] == [1, 3, 5, 10] and {"mcan-seed1.consensus3", "mcan-seed1.consensus3.z"} <= set(names)
     assert spec["consensus_rounds"] == 2 and {"word_detector-seed1.consensus5_r2.rank"} <= set(names)
     assert spec["density"] == [3, 5] and {"mcan-seed2.density3", "word_detector-seed2.density5.z"} <= set(names)
+    assert spec["views"] == ["word_detector-seed1", "word_detector-seed2"]  # rerank.smoothed_views: [word_detector]
+    assert {"word_detector-seed1-knn.score", "word_detector-seed2-knn.consensus1_r2", "word_detector-seed2-knn.pc1"} <= set(names)
+    assert set(spec["ensemble_weights"]) == set(spec["members"])  # the ensemble is the members'; views are features
     assert 0 <= report["rerank"]["valid"]["ndcg_at_5"] <= 1
     ranker = Ranker.load({"rerank": "models/rerank", **{f"member.{m}": str(members.checkpoint_path(m)) for m in spec["members"]}})
     table = read_candidates(root / "data" / "testA" / "testA.tsv")

@@ -226,7 +226,7 @@ class SmoothParams:
 
     k: int = 2  # nearest OTHER boxes mixed in
     weights: list[float] = field(default_factory=lambda: [0.7, 0.2, 0.1])  # self first; sums to 1
-    members: list[str] | None = field(default_factory=lambda: ["mcan"])  # re-scored: <model> (x train.seeds) or <model>-seed<k>; None = all
+    members: list[str] | None = None  # re-scored: <model> (x train.seeds) or <model>-seed<k>; None = all
 
 
 @dataclass
@@ -251,6 +251,7 @@ class RerankParams:
 
     members: list[str] | None = None  # feature members: <model> (x train.seeds) or <model>-seed<k>; None = all
     smoothing: bool = False  # feed the members smoothed boxes (outputs/smoothed/<member>, the smooth stage)
+    smoothed_views: list[str] = field(default_factory=lambda: ["word_detector"])  # also fed smoothed, as <member>-knn
     objective: str = "binary"  # binary | lambdarank
     folds: int = 5  # query-grouped folds over valid
     repeats: int = 3  # rounds of K-fold, each with its own folds and seed (folds x repeats boosters, averaged)

@@ -32,6 +32,7 @@ from ..data.text import words
 from ..errors import UserError
 from .ensemble import ensemble_scores
 from .metrics import K
+from .outputs import view
 
 NUM_LABELS = 33
 CHUNK_VALUES = 1 << 22  # values of fused vectors read at a time by the PCA (16 MB as float32)
@@ -300,6 +301,12 @@ class FeatureSpec:
     consensus: list[int] = field(default_factory=list)  # k's of the consensus features (none in older specs)
     consensus_rounds: int = 1  # rounds of them (1 in older specs)
     density: list[int] = field(default_factory=list)  # k's of the density features (none in older specs)
+    views: list[str] = field(default_factory=list)  # members that also join on smoothed boxes, as <member>-knn
+
+    @property
+    def sources(self) -> list[str]:
+        """Every source of features, in column order: the members, then their smoothed views (<member>-knn)."""
+        return self.members + [view(m) for m in self.views]
 
     @property
     def uses_fused(self) -> bool:
@@ -316,15 +323,17 @@ def build_features(
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """(feature matrix, ensemble probability) of every store row.
 
-    `outputs`: member -> its MemberOutput (components None without PCA).
+    `outputs`: source (a member or its smoothed view, `spec.sources`) -> its MemberOutput (components None
+    without PCA).
     `ensemble`: the rows' ensemble probability when the caller has it (valid's out-of-fold one);
     otherwise the weighted sum with `spec.ensemble_weights`.
     """
     groups = store.rows.query_id.to_numpy()
     cols: dict[str, np.ndarray] = {}
-    scores = {m: np.asarray(outputs[m].logits, np.float64) for m in spec.members}
-    ens = ensemble_scores(scores, spec.ensemble_weights) if ensemble is None else ensemble
-    for m in spec.members:
+    scores = {m: np.asarray(outputs[m].logits, np.float64) for m in spec.sources}
+    members = {m: scores[m] for m in spec.members}  # the ensemble is the members' (their views are features only)
+    ens = ensemble_scores(members, spec.ensemble_weights) if ensemble is None else ensemble
+    for m in spec.sources:
         cols[f"{m}.score"] = scores[m]
         for key, value in per_query(scores[m], groups).items():
             cols[f"{m}.{key}"] = value

@@ -36,6 +36,11 @@ def knn(name: str, smoothing: bool = True) -> str:
     return f"{name}{KNN_SUFFIX}" if smoothing else name
 
 
+def view(member: str) -> str:
+    """A member scored on smoothed boxes as a second source of re-ranker features (`rerank.smoothed_views`)."""
+    return knn(member)
+
+
 def table_path(outputs_dir: str | Path, name: str, split: str) -> Path:
     return Path(outputs_dir) / name / f"{split}.parquet"
 

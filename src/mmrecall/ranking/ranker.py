@@ -1,4 +1,5 @@
-"""The whole ranker on a candidate table in the official columns: decode, (smooth), members, re-ranker.
+"""The whole ranker on a candidate table in the official columns: decode, (smooth), members (and their smoothed
+views), re-ranker.
 
     ranker = Ranker.load({"rerank": "models/rerank", "backbone": <tokenizer folder>,
                           "member.mcan-seed1": "models/mcan/seed1/model.pt", ...})
@@ -34,7 +35,7 @@ from ..errors import MissingInputError, UserError
 from . import members as members_mod
 from . import reranker
 from .features import build_features, member_output
-from .outputs import table_details
+from .outputs import table_details, view
 from .smoothing import smoothed_store
 
 INT_COLUMNS = ("product_id", "image_h", "image_w", "num_boxes", "query_id")
@@ -111,14 +112,17 @@ class Ranker:
     def score(self, table: pd.DataFrame, kind: str = "rerank") -> np.ndarray:
         """One score per row: the re-ranker's mean fold prediction (kind='ensemble': the members' ensemble)."""
         store = candidate_store(table, int(self.spec.get("box_cap", 30)))
-        if self.spec["smoothing"]:
+        views, knn = self.feature_spec.views, None
+        if self.spec["smoothing"] or views:
             s = self.spec["smooth"]
-            store = smoothed_store(store, SmoothParams(k=s["k"], weights=s["weights"]))
+            knn = smoothed_store(store, SmoothParams(k=s["k"], weights=s["weights"]))
+        members_see = knn if self.spec["smoothing"] else store
+        sources = [(name, name, members_see) for name in self.members] + [(view(name), name, knn) for name in views]
         outputs = {}
-        for name, member in self.members.items():
-            scores, fused = members_mod.score(member, store)
-            outputs[name] = member_output(scores.score.to_numpy(), fused, table_details(scores),
-                                          store.rows.query_id.to_numpy(), self.pca.get(name), self.feature_spec)
+        for source, name, boxes in sources:  # each member, then each smoothed view of one
+            scores, fused = members_mod.score(self.members[name], boxes)
+            outputs[source] = member_output(scores.score.to_numpy(), fused, table_details(scores),
+                                            boxes.rows.query_id.to_numpy(), self.pca.get(source), self.feature_spec)
         in_table = store.rows.product_id.value_counts()
         counts = pd.concat([self.counts.reindex(in_table.index).fillna(0), in_table], axis=1).max(axis=1)
         X, ensemble = build_features(store, outputs, self.feature_spec, counts)

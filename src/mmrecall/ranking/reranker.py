@@ -19,6 +19,7 @@ settings, honest metrics).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,8 @@ from ..errors import MissingInputError, UserError
 from . import outputs
 from .ensemble import learn_weights, learn_weights_oof
 from .features import FeatureSpec, build_features, fit_pca, member_output
+
+log = logging.getLogger(__name__)
 
 MODEL_DIR = Path("models") / "rerank"
 SPEC, PCA, COUNTS = "spec.json", "pca.npz", "counts.parquet"
@@ -134,15 +137,16 @@ class Variant:
 
 def read_members(outputs_dir: Path, folders: list[str], stores: dict[str, FeatureStore], spec: FeatureSpec
                  ) -> tuple[dict[str, dict], dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """({split: {member: MemberOutput}}, {member: (mean, components)}) of `spec.members`, read from `folders`.
+    """({split: {source: MemberOutput}}, {source: (mean, components)}) of `spec.sources` (the members, then their
+    smoothed views), read from `folders` (one per source).
 
-    One member at a time: its fused vectors (memory-mapped) are read in chunks by the PCA and the
+    One source at a time: its fused vectors (memory-mapped) are read in chunks by the PCA and the
     projection, one query at a time by the consensus and density features, and only their `pca_dims`
     components and those features are kept, so memory does not grow with the members.
     """
     outs: dict[str, dict] = {s: {} for s in stores}
     pca = {}
-    for name, folder in zip(spec.members, folders):
+    for name, folder in zip(spec.sources, folders, strict=True):
         member = {s: outputs.read_member(outputs_dir, folder, s, st) for s, st in stores.items()}
         if spec.uses_fused:
             pca[name] = fit_pca([fused for _, fused, _ in member.values()], spec.pca_dims)
@@ -152,19 +156,32 @@ def read_members(outputs_dir: Path, folders: list[str], stores: dict[str, Featur
     return outs, pca
 
 
-def feature_spec(rp: RerankParams, members: list[str]) -> FeatureSpec:
-    """The features `rp` asks for (names are filled in by the first build)."""
+def feature_spec(rp: RerankParams, members: list[str], views: list[str] = ()) -> FeatureSpec:
+    """The features `rp` asks for, from `members` and the smoothed `views` of some (names are filled in by the
+    first build)."""
     return FeatureSpec(members, rp.pca_dims, dict(rp.ensemble_weights), consensus=list(rp.consensus),
-                       consensus_rounds=rp.consensus_rounds, density=list(rp.density))
+                       consensus_rounds=rp.consensus_rounds, density=list(rp.density), views=list(views))
+
+
+def smoothed_views(params: Params, members: list[str]) -> list[str]:
+    """The members of `rerank.smoothed_views` (a model name = its members) that are re-ranker members."""
+    views = member_names(params, params.rerank.smoothed_views) if params.rerank.smoothed_views else []
+    left_out = [v for v in views if v not in members]
+    if left_out:
+        log.info("rerank.smoothed_views: %s not among the re-ranker's members %s, left out", left_out, members)
+    return [v for v in views if v in members]
 
 
 def fit_variant(params: Params, stores: dict[str, FeatureStore], counts: pd.Series, smoothing: bool) -> Variant:
+    """The ensemble and re-ranker on the members' outputs (`smoothing`: all of them on smoothed boxes; else the
+    plain outputs, plus the smoothed views of `rerank.smoothed_views`)."""
     rp = params.rerank
     names = member_names(params, rp.members)
     outputs_dir = Path(params.data.outputs)
-    folder = outputs.smoothed if smoothing else str
-    spec = feature_spec(rp, names)
-    outs, pca = read_members(outputs_dir, [folder(m) for m in names], stores, spec)
+    views = [] if smoothing else smoothed_views(params, names)
+    spec = feature_spec(rp, names, views)
+    folders = [outputs.smoothed(m) if smoothing else m for m in names] + [outputs.smoothed(m) for m in views]
+    outs, pca = read_members(outputs_dir, folders, stores, spec)
     valid = stores["valid"]
     labels, query_ids = labels_of(valid), valid.rows.query_id.to_numpy()
     valid_ensemble = None  # with learned weights: each valid row's from weights fitted on the other folds
@@ -203,6 +220,7 @@ def save(variant: Variant, params: Params, counts: pd.Series, smoothing: bool, m
         "consensus": variant.spec.consensus,
         "consensus_rounds": variant.spec.consensus_rounds,
         "density": variant.spec.density,
+        "views": variant.spec.views,
         "ensemble_weights": variant.spec.ensemble_weights,
         "names": variant.spec.names,
         "objective": params.rerank.objective,
@@ -229,7 +247,7 @@ class Saved:
     def feature_spec(self) -> FeatureSpec:
         s = self.spec
         return FeatureSpec(s["members"], s["pca_dims"], s["ensemble_weights"], s["names"], s.get("consensus", []),
-                           s.get("consensus_rounds", 1), s.get("density", []))
+                           s.get("consensus_rounds", 1), s.get("density", []), s.get("views", []))
 
 
 def load(folder: str | Path = MODEL_DIR) -> Saved:
@@ -238,9 +256,10 @@ def load(folder: str | Path = MODEL_DIR) -> Saved:
         raise MissingInputError(f"{folder / SPEC}: no re-ranker here; run `mmrecall rerank` first")
     spec = json.loads((folder / SPEC).read_text())
     boosters = [lgb.Booster(model_file=str(folder / f"booster_fold{i}.txt")) for i in range(spec["folds"])]
+    sources = spec["members"] + [outputs.view(v) for v in spec.get("views", [])]  # FeatureSpec.sources
     pca = {}
     if spec["pca_dims"] or spec.get("consensus") or spec.get("density"):
         with np.load(folder / PCA) as z:
-            pca = {m: (z[f"{m}.mean"], z[f"{m}.components"]) for m in spec["members"]}
+            pca = {m: (z[f"{m}.mean"], z[f"{m}.components"]) for m in sources}
     counts = pd.read_parquet(folder / COUNTS).set_index("product_id")["count"]
     return Saved(spec, boosters, pca, counts)

@@ -1,9 +1,9 @@
 """`mmrecall rerank`: the ensemble of members and the LightGBM re-ranker fitted on valid (ranking/reranker.py).
 
-Fits the re-ranker on the plain members, and again on the smoothed members when `mmrecall smooth` wrote
-them; writes both variants' score tables (outputs/ensemble[-knn]/, outputs/rerank[-knn]/), saves the
-variant params `rerank.smoothing` picks to models/rerank/ (what the registered model loads), logs one
-MLflow run and writes metrics/rerank.json.
+Fits the re-ranker on the plain members (with the smoothed views of `rerank.smoothed_views` beside them), and
+again on the smoothed members when `mmrecall smooth` wrote them all; writes both variants' score tables
+(outputs/ensemble[-knn]/, outputs/rerank[-knn]/), saves the variant params `rerank.smoothing` picks to
+models/rerank/ (what the registered model loads), logs one MLflow run and writes metrics/rerank.json.
 """
 
 from __future__ import annotations
@@ -37,6 +37,12 @@ def run(params: Params) -> dict:
     if params.rerank.smoothing and not have_knn:
         raise MissingInputError("params rerank.smoothing is true but outputs/smoothed/<member>/ are missing for some "
                                 f"of {names}: run `mmrecall smooth` with them in params smooth.members")
+    views = reranker.smoothed_views(params, names)
+    unsmoothed = [m for m in views if not outputs.exists(outputs_dir, outputs.smoothed(m), "valid")]
+    if unsmoothed:
+        raise MissingInputError(f"params rerank.smoothed_views names {unsmoothed}, but outputs/smoothed/<member>/ are "
+                                "missing for them: run `mmrecall smooth` with them in params smooth.members (or "
+                                "set rerank.smoothed_views: [])")
     for kind in ("ensemble", "rerank"):  # the stage's outs, even when there is nothing smoothed to build on
         for smoothing in (False, True):
             (outputs_dir / outputs.knn(kind, smoothing)).mkdir(parents=True, exist_ok=True)
