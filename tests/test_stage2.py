@@ -236,6 +236,8 @@ def test_smoothed_views_are_the_named_members_among_the_re_rankers(tmp_path):
     assert smoothed_views(p, ["mcan-seed1", "word_detector-seed2"]) == ["word_detector-seed2"]
     p.rerank.smoothed_views = ["mcan-seed2", "word_detector"]
     assert smoothed_views(p, everyone) == ["mcan-seed2", "word_detector-seed1", "word_detector-seed2"]
+    p.rerank.smoothed_views = None
+    assert smoothed_views(p, everyone[1:]) == everyone[1:]
     p.rerank.smoothed_views = []
     assert smoothed_views(p, everyone) == []
 

@@ -221,7 +221,8 @@ def consensus(fused: np.ndarray, mean: np.ndarray, logits: np.ndarray, groups: n
     With `rounds` R > 1, round r (features `consensus<k>_r<r>`) takes the k best by a refined key instead:
     the z-score of the member's score plus the z-score of round r - 1's consensus at K (5), so an answer the
     member ranked low but that resembles its best candidates moves into the reference set. On valid out of
-    fold, a second round lifted the re-ranker on 11 of 12 member sets over seven worlds (BENCHMARKS.md).
+    fold, a second round lifted the re-ranker by +0.005 on average over 17 member sets on 8 worlds
+    (BENCHMARKS.md).
 
     No labels: only the member's own scores and vectors of the query's candidates, so a served query
     gets the same values as in the stage. One query at a time (a query is ~30 rows).
@@ -250,8 +251,8 @@ def density(fused: np.ndarray, mean: np.ndarray, groups: np.ndarray, ks: list[in
 
     The consensus features look at the candidates the member scores best; this looks at none of the scores.
     A query's answers all show what it names, so they form a tight group, which a candidate the member
-    misjudges still belongs to. On valid out of fold, it lifted the re-ranker by +0.003 on average over 14 member
-    sets (BENCHMARKS.md). No labels; one query at a time.
+    misjudges still belongs to. On valid out of fold, it lifted the re-ranker by +0.003 on average over 17
+    member sets on 8 worlds (BENCHMARKS.md). No labels; one query at a time.
     """
     out = {f"density{k}": np.zeros(len(groups)) for k in ks}
     if not ks or not len(groups):

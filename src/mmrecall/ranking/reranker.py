@@ -164,8 +164,10 @@ def feature_spec(rp: RerankParams, members: list[str], views: list[str] = ()) ->
 
 
 def smoothed_views(params: Params, members: list[str]) -> list[str]:
-    """The members of `rerank.smoothed_views` (a model name = its members) that are re-ranker members."""
-    views = member_names(params, params.rerank.smoothed_views) if params.rerank.smoothed_views else []
+    """The members of `rerank.smoothed_views` (a model name = its members; None = all, [] = none) that are
+    re-ranker members."""
+    chosen = params.rerank.smoothed_views
+    views = [] if chosen == [] else member_names(params, chosen)
     left_out = [v for v in views if v not in members]
     if left_out:
         log.info("rerank.smoothed_views: %s not among the re-ranker's members %s, left out", left_out, members)
