@@ -233,6 +233,7 @@ def consensus(fused: np.ndarray, mean: np.ndarray, logits: np.ndarray, groups: n
     if not ks or not len(logits):
         return out
     key, wanted = logits, sorted(set(ks) | ({K} if rounds > 1 else set()))
+    score_z = per_query(logits, groups)["z"] if rounds > 1 else None
     for r in range(1, rounds + 1):
         at_k = np.zeros(len(logits))
         for rows, f in _query_vectors(fused, mean, groups):
@@ -241,7 +242,8 @@ def consensus(fused: np.ndarray, mean: np.ndarray, logits: np.ndarray, groups: n
                 out[names[r, k]][rows] = sims[k]
             if K in sims:
                 at_k[rows] = sims[K]
-        key = per_query(logits, groups)["z"] + per_query(at_k, groups)["z"]
+        if r < rounds:
+            key = score_z + per_query(at_k, groups)["z"]
     return out
 
 

@@ -247,9 +247,13 @@ class Saved:
 
     @property
     def feature_spec(self) -> FeatureSpec:
-        s = self.spec
-        return FeatureSpec(s["members"], s["pca_dims"], s["ensemble_weights"], s["names"], s.get("consensus", []),
-                           s.get("consensus_rounds", 1), s.get("density", []), s.get("views", []))
+        return _saved_feature_spec(self.spec)
+
+
+def _saved_feature_spec(s: dict) -> FeatureSpec:
+    """The FeatureSpec of a spec.json (older ones lack the later keys: their defaults)."""
+    return FeatureSpec(s["members"], s["pca_dims"], s["ensemble_weights"], s["names"], s.get("consensus", []),
+                       s.get("consensus_rounds", 1), s.get("density", []), s.get("views", []))
 
 
 def load(folder: str | Path = MODEL_DIR) -> Saved:
@@ -258,10 +262,9 @@ def load(folder: str | Path = MODEL_DIR) -> Saved:
         raise MissingInputError(f"{folder / SPEC}: no re-ranker here; run `mmrecall rerank` first")
     spec = json.loads((folder / SPEC).read_text())
     boosters = [lgb.Booster(model_file=str(folder / f"booster_fold{i}.txt")) for i in range(spec["folds"])]
-    sources = spec["members"] + [outputs.view(v) for v in spec.get("views", [])]  # FeatureSpec.sources
-    pca = {}
-    if spec["pca_dims"] or spec.get("consensus") or spec.get("density"):
+    features, pca = _saved_feature_spec(spec), {}
+    if features.uses_fused:
         with np.load(folder / PCA) as z:
-            pca = {m: (z[f"{m}.mean"], z[f"{m}.components"]) for m in sources}
+            pca = {m: (z[f"{m}.mean"], z[f"{m}.components"]) for m in features.sources}
     counts = pd.read_parquet(folder / COUNTS).set_index("product_id")["count"]
     return Saved(spec, boosters, pca, counts)
