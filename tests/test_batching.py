@@ -49,3 +49,13 @@ def test_equal_areas_keep_the_earlier_box_and_bad_values_are_refused():
     with pytest.raises(ParamsError, match="train.box_select"):
         TrainParams(box_select="biggest")
     assert TrainParams().box_select == "largest"
+
+
+def test_largest_box_features_take_each_images_largest_box():
+    """The re-ranker's box views (rerank.box_views) read each image's largest box: ties give the earlier box, an
+    image without boxes zeros."""
+    store = store_of([[0.1, 0.6, 0.05, 0.6], [], [0.2], [0.3, 0.9]])  # boxes 0-3, none, 4, 5-6
+    largest = store.largest_box_features()
+    assert largest.shape == (4, FEATURE_DIM)
+    assert largest[:, 0].tolist() == [2, 0, 5, 7]  # store index + 1 of boxes 1, -, 4 and 6
+    assert (largest[1] == 0).all()

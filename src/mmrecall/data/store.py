@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import MissingInputError, UserError
-from .tsv import BOX_DIM, FEATURE_DIM
+from .tsv import AREA, BOX_DIM, FEATURE_DIM
 
 ROWS, FEATURES, BOXES, LABELS, META, REJECTS, ANSWERS = (
     "rows.parquet",
@@ -110,6 +110,22 @@ class FeatureStore:
         start = int(self.rows.offset.iat[i])
         end = start + int(self.rows.n_kept.iat[i])
         return self.features[start:end], self.boxes[start:end], self.labels[start:end]
+
+    def largest_box_features(self) -> np.ndarray:
+        """(rows, 2048) the feature of each row's largest box by area (ties: the earlier box; zeros for a row
+        without boxes), in the store's dtype."""
+        offsets, counts = self.rows.offset.to_numpy(), self.rows.n_kept.to_numpy()
+        out = np.zeros((len(offsets), FEATURE_DIM), self.features.dtype)
+        has = np.flatnonzero(counts > 0)
+        if not len(has):
+            return out
+        row_of_box = np.repeat(np.arange(len(offsets)), counts)  # the boxes of row i are offsets[i] + [0, counts[i])
+        boxes = np.concatenate([np.arange(o, o + n) for o, n in zip(offsets[has], counts[has])])
+        area = np.asarray(self.boxes[boxes, AREA], np.float64)
+        order = np.lexsort((np.arange(len(boxes)), -area, row_of_box))  # by row, then largest, then earliest
+        first = order[np.r_[0, np.flatnonzero(np.diff(row_of_box[order])) + 1]]  # each row's first in that order
+        out[row_of_box[first]] = self.features[boxes[first]]
+        return out
 
     def mean_features(self, start: int, stop: int) -> np.ndarray:
         """Mean box feature (float32) of rows [start, stop), read as one contiguous slice."""

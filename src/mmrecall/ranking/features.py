@@ -11,6 +11,9 @@
   candidates of the query, whatever their scores (a query's answers form a tight group);
 - the first `pca_dims` principal components of each member's fused vector (PCA fitted on the fused
   vectors of every evaluation split: unsupervised, no labels; one member at a time, in chunks of rows);
+- all of the above again for each *view* of a member, a source of its own: the member scored on smoothed
+  boxes (`<member>-knn`), and its scores with the raw ROI feature of each image's largest box as the fused
+  vector (`<member>-box`: its best candidates compared by everything the detector saw; no details);
 - candidate features: num_boxes, kept boxes, image size, box area / aspect statistics, label histogram
   summary, the candidate's number of rows over all evaluation files (valid + testA + testB), its gap to
   the query's least frequent candidate and to the frequency filter's threshold (the 5th smallest count
@@ -32,7 +35,7 @@ from ..data.text import words
 from ..errors import UserError
 from .ensemble import ensemble_scores
 from .metrics import K
-from .outputs import view
+from .outputs import box_view, view
 
 NUM_LABELS = 33
 CHUNK_VALUES = 1 << 22  # values of fused vectors read at a time by the PCA (16 MB as float32)
@@ -305,11 +308,17 @@ class FeatureSpec:
     consensus_rounds: int = 1  # rounds of them (1 in older specs)
     density: list[int] = field(default_factory=list)  # k's of the density features (none in older specs)
     views: list[str] = field(default_factory=list)  # members that also join on smoothed boxes, as <member>-knn
+    box_views: list[str] = field(default_factory=list)  # members that also join in raw box features, as <member>-box
 
     @property
     def sources(self) -> list[str]:
-        """Every source of features, in column order: the members, then their smoothed views (<member>-knn)."""
-        return self.members + [view(m) for m in self.views]
+        """Every source of features, in column order: the members, their smoothed views (<member>-knn), then
+        their box views (<member>-box)."""
+        return self.members + [view(m) for m in self.views] + [box_view(m) for m in self.box_views]
+
+    @property
+    def box_sources(self) -> list[str]:
+        return [box_view(m) for m in self.box_views]
 
     @property
     def uses_fused(self) -> bool:
@@ -326,7 +335,7 @@ def build_features(
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """(feature matrix, ensemble probability) of every store row.
 
-    `outputs`: source (a member or its smoothed view, `spec.sources`) -> its MemberOutput (components None
+    `outputs`: source (a member or one of its views, `spec.sources`) -> its MemberOutput (components None
     without PCA).
     `ensemble`: the rows' ensemble probability when the caller has it (valid's out-of-fold one);
     otherwise the weighted sum with `spec.ensemble_weights`.

@@ -41,6 +41,12 @@ def view(member: str) -> str:
     return knn(member)
 
 
+def box_view(member: str) -> str:
+    """A member's scores read with each image's largest-box ROI feature as its fused vector: a third source of
+    re-ranker features (`rerank.box_views`; nothing on disk, built from the member's table and the store)."""
+    return f"{member}-box"
+
+
 def table_path(outputs_dir: str | Path, name: str, split: str) -> Path:
     return Path(outputs_dir) / name / f"{split}.parquet"
 

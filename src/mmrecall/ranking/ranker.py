@@ -1,5 +1,5 @@
 """The whole ranker on a candidate table in the official columns: decode, (smooth), members (and their smoothed
-views), re-ranker.
+and box views), re-ranker.
 
     ranker = Ranker.load({"rerank": "models/rerank", "backbone": <tokenizer folder>,
                           "member.mcan-seed1": "models/mcan/seed1/model.pt", ...})
@@ -35,7 +35,7 @@ from ..errors import MissingInputError, UserError
 from . import members as members_mod
 from . import reranker
 from .features import build_features, member_output
-from .outputs import table_details, view
+from .outputs import box_view, table_details, view
 from .smoothing import smoothed_store
 
 INT_COLUMNS = ("product_id", "image_h", "image_w", "num_boxes", "query_id")
@@ -118,11 +118,18 @@ class Ranker:
             knn = smoothed_store(store, SmoothParams(k=s["k"], weights=s["weights"]))
         members_see = knn if self.spec["smoothing"] else store
         sources = [(name, name, members_see) for name in self.members] + [(view(name), name, knn) for name in views]
-        outputs = {}
+        outputs, logits = {}, {}
         for source, name, boxes in sources:  # each member, then each smoothed view of one
             scores, fused = members_mod.score(self.members[name], boxes)
-            outputs[source] = member_output(scores.score.to_numpy(), fused, table_details(scores),
+            logits[source] = scores.score.to_numpy()
+            outputs[source] = member_output(logits[source], fused, table_details(scores),
                                             boxes.rows.query_id.to_numpy(), self.pca.get(source), self.feature_spec)
+        if self.feature_spec.box_views:
+            largest = store.largest_box_features()
+            for name in self.feature_spec.box_views:  # the member's scores, in the raw features of the largest boxes
+                source = box_view(name)
+                outputs[source] = member_output(logits[name], largest, None, store.rows.query_id.to_numpy(),
+                                                self.pca.get(source), self.feature_spec)
         in_table = store.rows.product_id.value_counts()
         counts = pd.concat([self.counts.reindex(in_table.index).fillna(0), in_table], axis=1).max(axis=1)
         X, ensemble = build_features(store, outputs, self.feature_spec, counts)

@@ -138,7 +138,8 @@ class Variant:
 def read_members(outputs_dir: Path, folders: list[str], stores: dict[str, FeatureStore], spec: FeatureSpec
                  ) -> tuple[dict[str, dict], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """({split: {source: MemberOutput}}, {source: (mean, components)}) of `spec.sources` (the members, then their
-    smoothed views), read from `folders` (one per source).
+    smoothed views, then their box views), read from `folders` (one per source; a box view's is its member's:
+    its scores, with the largest box's ROI feature of each image as the fused vector and no details).
 
     One source at a time: its fused vectors (memory-mapped) are read in chunks by the PCA and the
     projection, one query at a time by the consensus and density features, and only their `pca_dims`
@@ -148,6 +149,8 @@ def read_members(outputs_dir: Path, folders: list[str], stores: dict[str, Featur
     pca = {}
     for name, folder in zip(spec.sources, folders, strict=True):
         member = {s: outputs.read_member(outputs_dir, folder, s, st) for s, st in stores.items()}
+        if name in spec.box_sources:
+            member = {s: (logits, stores[s].largest_box_features(), None) for s, (logits, _, _) in member.items()}
         if spec.uses_fused:
             pca[name] = fit_pca([fused for _, fused, _ in member.values()], spec.pca_dims)
         for s, (logits, fused, details) in member.items():
@@ -156,33 +159,47 @@ def read_members(outputs_dir: Path, folders: list[str], stores: dict[str, Featur
     return outs, pca
 
 
-def feature_spec(rp: RerankParams, members: list[str], views: list[str] = ()) -> FeatureSpec:
-    """The features `rp` asks for, from `members` and the smoothed `views` of some (names are filled in by the
-    first build)."""
+def feature_spec(rp: RerankParams, members: list[str], views: list[str] = (), box_views: list[str] = ()
+                 ) -> FeatureSpec:
+    """The features `rp` asks for, from `members`, the smoothed `views` of some and the `box_views` of some
+    (names are filled in by the first build)."""
     return FeatureSpec(members, rp.pca_dims, dict(rp.ensemble_weights), consensus=list(rp.consensus),
-                       consensus_rounds=rp.consensus_rounds, density=list(rp.density), views=list(views))
+                       consensus_rounds=rp.consensus_rounds, density=list(rp.density), views=list(views),
+                       box_views=list(box_views))
+
+
+def _chosen_members(params: Params, key: str, members: list[str]) -> list[str]:
+    """The members of `rerank.<key>` (a model name = its members; None = all, [] = none) that are re-ranker
+    members."""
+    chosen = getattr(params.rerank, key)
+    named = [] if chosen == [] else member_names(params, chosen)
+    left_out = [v for v in named if v not in members]
+    if left_out:
+        log.info("rerank.%s: %s not among the re-ranker's members %s, left out", key, left_out, members)
+    return [v for v in named if v in members]
 
 
 def smoothed_views(params: Params, members: list[str]) -> list[str]:
-    """The members of `rerank.smoothed_views` (a model name = its members; None = all, [] = none) that are
-    re-ranker members."""
-    chosen = params.rerank.smoothed_views
-    views = [] if chosen == [] else member_names(params, chosen)
-    left_out = [v for v in views if v not in members]
-    if left_out:
-        log.info("rerank.smoothed_views: %s not among the re-ranker's members %s, left out", left_out, members)
-    return [v for v in views if v in members]
+    """The members of `rerank.smoothed_views` that are re-ranker members."""
+    return _chosen_members(params, "smoothed_views", members)
+
+
+def box_views(params: Params, members: list[str]) -> list[str]:
+    """The members of `rerank.box_views` that are re-ranker members."""
+    return _chosen_members(params, "box_views", members)
 
 
 def fit_variant(params: Params, stores: dict[str, FeatureStore], counts: pd.Series, smoothing: bool) -> Variant:
     """The ensemble and re-ranker on the members' outputs (`smoothing`: all of them on smoothed boxes; else the
-    plain outputs, plus the smoothed views of `rerank.smoothed_views`)."""
+    plain outputs, plus the smoothed views of `rerank.smoothed_views`), and the box views of `rerank.box_views`."""
     rp = params.rerank
     names = member_names(params, rp.members)
     outputs_dir = Path(params.data.outputs)
     views = [] if smoothing else smoothed_views(params, names)
-    spec = feature_spec(rp, names, views)
-    folders = [outputs.smoothed(m) if smoothing else m for m in names] + [outputs.smoothed(m) for m in views]
+    boxes = box_views(params, names)
+    spec = feature_spec(rp, names, views, boxes)
+    member_folder = {m: outputs.smoothed(m) if smoothing else m for m in names}
+    folders = [member_folder[m] for m in names] + [outputs.smoothed(m) for m in views] + [member_folder[m] for m in boxes]
     outs, pca = read_members(outputs_dir, folders, stores, spec)
     valid = stores["valid"]
     labels, query_ids = labels_of(valid), valid.rows.query_id.to_numpy()
@@ -223,6 +240,7 @@ def save(variant: Variant, params: Params, counts: pd.Series, smoothing: bool, m
         "consensus_rounds": variant.spec.consensus_rounds,
         "density": variant.spec.density,
         "views": variant.spec.views,
+        "box_views": variant.spec.box_views,
         "ensemble_weights": variant.spec.ensemble_weights,
         "names": variant.spec.names,
         "objective": params.rerank.objective,
@@ -253,7 +271,7 @@ class Saved:
 def _saved_feature_spec(s: dict) -> FeatureSpec:
     """The FeatureSpec of a spec.json (older ones lack the later keys: their defaults)."""
     return FeatureSpec(s["members"], s["pca_dims"], s["ensemble_weights"], s["names"], s.get("consensus", []),
-                       s.get("consensus_rounds", 1), s.get("density", []), s.get("views", []))
+                       s.get("consensus_rounds", 1), s.get("density", []), s.get("views", []), s.get("box_views", []))
 
 
 def load(folder: str | Path = MODEL_DIR) -> Saved:

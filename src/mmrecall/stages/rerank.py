@@ -1,7 +1,7 @@
 """`mmrecall rerank`: the ensemble of members and the LightGBM re-ranker fitted on valid (ranking/reranker.py).
 
-Fits the re-ranker on the plain members (with the smoothed views of `rerank.smoothed_views` beside them), and
-again on the smoothed members when `mmrecall smooth` wrote them all; writes both variants' score tables
+Fits the re-ranker on the plain members (with the smoothed views of `rerank.smoothed_views` and the box views of
+`rerank.box_views` beside them), and again on the smoothed members when `mmrecall smooth` wrote them all; writes both variants' score tables
 (outputs/ensemble[-knn]/, outputs/rerank[-knn]/), saves the variant params `rerank.smoothing` picks to
 models/rerank/ (what the registered model loads), logs one MLflow run and writes metrics/rerank.json.
 """
