@@ -114,13 +114,12 @@ class FeatureStore:
     def largest_box_features(self) -> np.ndarray:
         """(rows, 2048) the feature of each row's largest box by area (ties: the earlier box; zeros for a row
         without boxes), in the store's dtype."""
-        offsets, counts = self.rows.offset.to_numpy(), self.rows.n_kept.to_numpy()
+        offsets, counts = self.rows.offset.to_numpy(), self.rows.n_kept.to_numpy().astype(np.int64)
         out = np.zeros((len(offsets), FEATURE_DIM), self.features.dtype)
-        has = np.flatnonzero(counts > 0)
-        if not len(has):
+        if not counts.sum():
             return out
-        row_of_box = np.repeat(np.arange(len(offsets)), counts)  # the boxes of row i are offsets[i] + [0, counts[i])
-        boxes = np.concatenate([np.arange(o, o + n) for o, n in zip(offsets[has], counts[has])])
+        row_of_box = np.repeat(np.arange(len(offsets)), counts)  # row i's boxes are offsets[i] + [0, counts[i])
+        boxes = np.repeat(offsets - (np.cumsum(counts) - counts), counts) + np.arange(counts.sum())  # their store index
         area = np.asarray(self.boxes[boxes, AREA], np.float64)
         order = np.lexsort((np.arange(len(boxes)), -area, row_of_box))  # by row, then largest, then earliest
         first = order[np.r_[0, np.flatnonzero(np.diff(row_of_box[order])) + 1]]  # each row's first in that order
