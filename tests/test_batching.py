@@ -59,3 +59,5 @@ def test_largest_box_features_take_each_images_largest_box():
     assert largest.shape == (4, FEATURE_DIM)
     assert largest[:, 0].tolist() == [2, 0, 5, 7]  # store index + 1 of boxes 1, -, 4 and 6
     assert (largest[1] == 0).all()
+    some = store.largest_box_features(np.array([3, 0]))  # neighbour_words' memory: only these rows, in this order
+    np.testing.assert_array_equal(some, largest[[3, 0]])

@@ -21,7 +21,7 @@ import yaml
 from .errors import UserError
 
 PARAMS_FILE = "params.yaml"
-MODEL_SECTIONS = ("mcan", "visualbert", "two_tower", "word_detector")  # train.<model>: each model's architecture
+MODEL_SECTIONS = ("mcan", "visualbert", "two_tower", "word_detector", "neighbour_words")  # train.<model>: each model's architecture
 
 
 @dataclass
@@ -99,7 +99,7 @@ BOX_SELECT = ("largest", "first")  # train.box_select: which boxes an image over
 class TrainParams:
     """The neural rankers: one DVC matrix member per (model, seed)."""
 
-    models: list[str] = field(default_factory=lambda: ["mcan", "word_detector"])
+    models: list[str] = field(default_factory=lambda: ["mcan", "word_detector", "neighbour_words"])
     seeds: list[int] = field(default_factory=lambda: [1])  # CPU default: one long member per model beat two short ones
     steps: int = 400  # optimizer steps per member (mcan's on CPU: 400 or 1000 give the same re-ranker, BENCHMARKS.md)
     eval_every: int = 100  # valid NDCG@5 (and a checkpoint) every N steps
@@ -129,6 +129,7 @@ class TrainParams:
     visualbert: dict = field(default_factory=dict)  # VisualBERTConfig fields
     two_tower: dict = field(default_factory=dict)  # TwoTowerConfig fields
     word_detector: dict = field(default_factory=dict)  # WordDetectorConfig fields
+    neighbour_words: dict = field(default_factory=dict)  # NeighbourWordsConfig fields (no optimizer steps)
     overrides: dict = field(default_factory=lambda: {  # per model: {model: {lr: .., steps: .., ...}}
         "visualbert": {"lr": 0.002, "backbone_lr": 0.0005, "batch_size": 64, "steps": 700, "eval_every": 100,
                        "focal_gamma": 0.0, "max_boxes": 5},
@@ -485,7 +486,7 @@ def _merge(base, overlay, path: tuple[str, ...] = ()) -> None:
 def apply_overlay(overlay: str | os.PathLike, params: str | os.PathLike = PARAMS_FILE) -> Params:
     """Merge the YAML file `overlay` into `params` (keeping both files' comments); returns the result.
 
-    Sections merge key by key, except the model sections (train.mcan / visualbert / two_tower / word_detector) and each
+    Sections merge key by key, except the model sections (train.mcan / visualbert / two_tower / word_detector / neighbour_words) and each
     train.overrides.<model>: the overlay's mapping replaces the one in params.yaml whole. The merged
     file is validated before it is written, so a bad overlay leaves params.yaml as it was.
     """

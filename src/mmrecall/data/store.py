@@ -111,10 +111,12 @@ class FeatureStore:
         end = start + int(self.rows.n_kept.iat[i])
         return self.features[start:end], self.boxes[start:end], self.labels[start:end]
 
-    def largest_box_features(self) -> np.ndarray:
+    def largest_box_features(self, rows: np.ndarray | None = None) -> np.ndarray:
         """(rows, 2048) the feature of each row's largest box by area (ties: the earlier box; zeros for a row
-        without boxes), in the store's dtype."""
+        without boxes), in the store's dtype; `rows`: only these store rows, in this order (default: all)."""
         offsets, counts = self.rows.offset.to_numpy(), self.rows.n_kept.to_numpy().astype(np.int64)
+        if rows is not None:
+            offsets, counts = offsets[rows], counts[rows]
         out = np.zeros((len(offsets), FEATURE_DIM), self.features.dtype)
         if not counts.sum():
             return out

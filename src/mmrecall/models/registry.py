@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config import ParamsError, TrainParams
 from .mcan import MCAN, MCANConfig
+from .neighbour_words import NeighbourWords, NeighbourWordsConfig
 from .two_tower import TwoTower, TwoTowerConfig
 from .visualbert import VisualBERT, VisualBERTConfig
 from .word_detector import WordDetector, WordDetectorConfig
@@ -21,6 +22,7 @@ MODELS = {
     "visualbert": (VisualBERT, VisualBERTConfig),
     "two_tower": (TwoTower, TwoTowerConfig),
     "word_detector": (WordDetector, WordDetectorConfig),
+    "neighbour_words": (NeighbourWords, NeighbourWordsConfig),
 }
 
 

@@ -103,6 +103,17 @@ def word_details(best_box: Tensor, own_box: Tensor, valid: Tensor) -> dict[str, 
     return {name: torch.where(n > 0, value, torch.zeros_like(value)) for name, value in details.items()}
 
 
+def frequent_token_rows(input_ids: np.ndarray, attention_mask: np.ndarray, vocab_size: int, max_words: int) -> Tensor:
+    """(vocab_size,) token id -> word row: rows 1.. for the `max_words - 1` most frequent tokens of these queries
+    (Q, T), counted once per query text (ties: the smaller token id); UNKNOWN for every other token."""
+    words = query_words(torch.from_numpy(input_ids), torch.from_numpy(attention_mask)).numpy()
+    counts = Counter(int(t) for q, keep in zip(input_ids, words) for t in set(q[keep].tolist()))
+    kept = sorted(counts, key=lambda t: (-counts[t], t))[: max_words - 1]
+    word_row = torch.full((vocab_size,), UNKNOWN, dtype=torch.long)
+    word_row[torch.tensor(sorted(kept), dtype=torch.long)] = torch.arange(1, len(kept) + 1)
+    return word_row
+
+
 def exclusive_rows(rows: np.ndarray, n: int, chunk: int = 65536) -> Tensor:
     """(n, n) True where detector rows r and s fill one slot of a query ("red" / "blue", "dress" / "sofa"):
     over these (Q, T) query rows (UNKNOWN where no word), they share fewer queries than EXCLUSIVE_RATIO times
@@ -224,12 +235,9 @@ class WordDetector(nn.Module):
     def fit_vocabulary(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
         """Give the `max_words - 1` most frequent tokens of these queries (Q, T) a detector row each
         (ties: the smaller token id), once per query text."""
-        words = query_words(torch.from_numpy(input_ids), torch.from_numpy(attention_mask)).numpy()
-        counts = Counter(int(t) for q, keep in zip(input_ids, words) for t in set(q[keep].tolist()))
-        kept = sorted(counts, key=lambda t: (-counts[t], t))[: self.cfg.max_words - 1]
-        self.word_row.zero_()
-        self.word_row[torch.tensor(sorted(kept), dtype=torch.long)] = torch.arange(1, len(kept) + 1)
+        self.word_row.copy_(frequent_token_rows(input_ids, attention_mask, len(self.word_row), self.cfg.max_words))
         if self.cfg.open_negative_weight != 1.0:  # target_weights needs them
+            words = query_words(torch.from_numpy(input_ids), torch.from_numpy(attention_mask)).numpy()
             rows = np.where(words, self.word_row[torch.from_numpy(input_ids)].numpy(), UNKNOWN)  # (Q, T)
             self.exclusive = exclusive_rows(rows, self.cfg.max_words)
 

@@ -15,6 +15,7 @@ otherwise on the CPU in float32, exactly as before. Fitting, the smooth stage an
 from __future__ import annotations
 
 import contextlib
+import itertools
 import dataclasses
 import shutil
 from dataclasses import dataclass
@@ -110,7 +111,8 @@ def score_batches(model: nn.Module, batches: EvalBatches, device: torch.device =
                   precision: str = "32-true") -> tuple[pd.DataFrame, np.ndarray]:
     """Score table (query_id, product_id, score, then the model's `details` columns) and the fused vectors
     (float16) of every row, on `device`."""
-    if model.training or next(model.parameters()).device != device:  # each walks every module: ~2 ms a call
+    tensors = itertools.chain(model.parameters(), model.buffers())  # neighbour_words has buffers only
+    if model.training or next(tensors).device != device:  # each walks every module: ~2 ms a call
         model.eval().to(device)
     logits, fused, details = [], [], {}
     with autocast(device, precision):

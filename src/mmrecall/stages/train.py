@@ -8,7 +8,7 @@ import logging
 from ..config import load_params, member_name, user_path
 from ..models.registry import MODELS
 from ..ranking.metrics import write_metrics
-from ..training.fit import fit_member
+from ..training.fit import fit_member, trainable
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     member = member_name(args.model, args.seed)
-    steps = params.train.for_model(args.model).steps
-    log.info("%s: training for %d steps", member, steps)
+    if trainable(args.model):
+        log.info("%s: training for %d steps", member, params.train.for_model(args.model).steps)
+    else:
+        log.info("%s: fitting (no optimizer steps)", member)
     result = fit_member(args.model, args.seed, params, progress=not args.no_progress, stop_after=args.stop_after,
                         resume=not args.no_resume)
     if not result:

@@ -8,7 +8,8 @@
     result = log_member(setup, params, report, best_step, seconds)  # metrics + the logged model
 
 `fit_member` runs them all inside the member's MLflow run (what `mmrecall train` does); the tuning study
-runs the first three only.
+runs the first three only. A model with no optimizer steps (`trainable` False: neighbour_words) is fitted
+by `build_data` (its memory of train images) and goes straight to its outputs and run, with no Trainer.
 
 - Data: train rows grouped by cleaned query text; the 1st place's TF-IDF similar-query hard negatives
   (pools from the `pools` stage, padded with random queries from the member's seed), re-drawn every "epoch" (= `eval_every` steps) from a seed that depends only on (seed, epoch); the
@@ -86,9 +87,16 @@ class TrainSetup:
         return self.module.model
 
 
+def trainable(name: str) -> bool:
+    """Whether model `name` learns by optimizer steps (False: fitted in one pass by `build_data`)."""
+    return getattr(MODELS[name][0], "trainable", True)
+
+
 def build_data(name: str, seed: int, params: Params) -> TrainSetup:
     """Seed everything, then the train data with its hard-negative sampler, the eval batches and the model."""
     tp = params.train.for_model(name)
+    if not trainable(name):
+        tp = dataclasses.replace(tp, steps=0)  # fitted in one pass (neighbour_words: its memory), no optimizer
     if tp.num_threads:
         torch.set_num_threads(tp.num_threads)
     L.seed_everything(seed, workers=True, verbose=False)
@@ -112,6 +120,13 @@ def build_data(name: str, seed: int, params: Params) -> TrainSetup:
     model = build_model(name, cfg)  # after seed_everything: the same seed gives the same initial weights
     if hasattr(model, "fit_vocabulary"):  # word_detector: a detector for each frequent token of the train queries
         model.fit_vocabulary(data.tokens.ids, data.tokens.mask)
+    if hasattr(model, "fit_memory"):  # neighbour_words: every train image's largest box and its query's words
+        t0 = time.perf_counter()
+        keep = model.memory_subset(len(train_store), seed)
+        query = data.row_query[keep]
+        model.fit_memory(train_store.largest_box_features(keep), data.tokens.ids[query], data.tokens.mask[query])
+        log.info("%s: remembered %d train images in %.1f s", member_name(name, seed), len(model.memory),
+                 time.perf_counter() - t0)
     module = TrainingModule(name, model, tp, seed, stores["valid"])
     datamodule = MemberDataModule(data, eval_batches["valid"], tp.eval_every)
     return TrainSetup(name, seed, tp, cfg, run_params, stores, eval_batches, module, datamodule)
@@ -249,7 +264,10 @@ def is_global_rank_zero() -> bool:
 def fit_member(name: str, seed: int, params: Params, progress: bool = True, stop_after: int | None = None,
                resume: bool = True) -> dict:
     """Train one member and write its outputs, inside its MLflow run; returns its result ({} on DDP ranks > 0)."""
+    started = time.perf_counter()
     setup = build_data(name, seed, params)
+    if not trainable(name):
+        return _fit_untrained(setup, params, time.perf_counter() - started)
     ckpt_dir = checkpoint_dir(setup, resume)
     last = ckpt_dir / "last.ckpt"
     trainer, best = build_trainer(setup, ckpt_dir, progress, stop_after=stop_after)
@@ -269,4 +287,20 @@ def fit_member(name: str, seed: int, params: Params, progress: bool = True, stop
         result = log_member(setup, params, report, best_step, seconds)
     tracking.update_parent(parent_id, METRIC)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: nothing to resume
+    return result
+
+
+def _fit_untrained(setup: TrainSetup, params: Params, seconds: float) -> dict:
+    """A member fitted by `build_data` alone (no optimizer steps): its outputs and MLflow run, as `fit_member`'s.
+    Every DDP rank would fit the same member, so only global rank 0 does anything."""
+    if not is_global_rank_zero():
+        return {}
+    name = setup.model_name
+    parent_id = tracking.member_parent(name, setup.run_params, params.tracking.experiment)
+    with tracking.start_run(setup.member, stage="train", params=setup.run_params, experiment=params.tracking.experiment,
+                            tags={"model": name, "seed": str(setup.seed), "mlflow.parentRunId": parent_id,
+                                  "kind": "member"}):
+        report = write_member_outputs(setup, params, 0)
+        result = log_member(setup, params, report, 0, seconds)
+    tracking.update_parent(parent_id, METRIC)
     return result
