@@ -99,7 +99,7 @@ BOX_SELECT = ("largest", "first")  # train.box_select: which boxes an image over
 class TrainParams:
     """The neural rankers: one DVC matrix member per (model, seed)."""
 
-    models: list[str] = field(default_factory=lambda: ["mcan", "word_detector", "neighbour_words"])
+    models: list[str] = field(default_factory=lambda: ["word_detector", "neighbour_words"])  # mcan: see BENCHMARKS.md
     seeds: list[int] = field(default_factory=lambda: [1])  # CPU default: one long member per model beat two short ones
     steps: int = 400  # optimizer steps per member (mcan's on CPU: 400 or 1000 give the same re-ranker, BENCHMARKS.md)
     eval_every: int = 100  # valid NDCG@5 (and a checkpoint) every N steps
