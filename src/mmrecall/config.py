@@ -254,7 +254,7 @@ class RerankParams:
     smoothing: bool = False  # feed the members smoothed boxes (outputs/smoothed/<member>, the smooth stage)
     smoothed_views: list[str] | None = field(default_factory=lambda: ["word_detector"])  # also fed smoothed, as
     # <member>-knn: <model> (x train.seeds) or <model>-seed<k>; None = every member, [] = none
-    box_views: list[str] | None = field(default_factory=lambda: ["word_detector"])  # also joined with the raw
+    box_views: list[str] | None = field(default_factory=lambda: ["word_detector", "neighbour_words"])  # also joined with the raw
     # ROI feature of each image's largest box as their fused vector, as <member>-box; None = every member, [] = none
     objective: str = "binary"  # binary | lambdarank
     folds: int = 5  # query-grouped folds over valid
