@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..data.tsv import AREA  # img_box column of the box area
 from .backbone import SHIPPED, load_backbone_config, load_tokenizer
 from .image_input import FEAT_DIM, RankerOutput
 from .word_detector import UNKNOWN, first_occurrence, frequent_token_rows, query_words
 
-AREA = 4  # img_box column of the box area
 MEMORY_CHUNK = 8192  # memory images compared at a time (a float32 copy of 64 MB)
 
 

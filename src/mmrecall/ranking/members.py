@@ -15,8 +15,8 @@ otherwise on the CPU in float32, exactly as before. Fitting, the smooth stage an
 from __future__ import annotations
 
 import contextlib
-import itertools
 import dataclasses
+import itertools
 import shutil
 from dataclasses import dataclass
 from pathlib import Path

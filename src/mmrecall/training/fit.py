@@ -271,11 +271,7 @@ def fit_member(name: str, seed: int, params: Params, progress: bool = True, stop
     ckpt_dir = checkpoint_dir(setup, resume)
     last = ckpt_dir / "last.ckpt"
     trainer, best = build_trainer(setup, ckpt_dir, progress, stop_after=stop_after)
-    lead = is_global_rank_zero()  # DDP: the other ranks re-run this function and must not log runs
-    parent_id = tracking.member_parent(name, setup.run_params, params.tracking.experiment) if lead else None
-    run = tracking.start_run(setup.member, stage="train", params=setup.run_params, experiment=params.tracking.experiment,
-                             tags={"model": name, "seed": str(seed), "mlflow.parentRunId": parent_id, "kind": "member"}
-                             ) if lead else contextlib.nullcontext()
+    run, parent_id = member_run(setup, params)
     with run:
         if resume and last.exists():
             log.info("%s: resuming from %s", setup.member, last)
@@ -290,16 +286,24 @@ def fit_member(name: str, seed: int, params: Params, progress: bool = True, stop
     return result
 
 
+def member_run(setup: TrainSetup, params: Params) -> tuple[contextlib.AbstractContextManager, str | None]:
+    """(the member's MLflow run under its model's parent run, the parent's id) on global rank 0; elsewhere no run:
+    the other DDP ranks re-run `fit_member` and must not log runs."""
+    if not is_global_rank_zero():
+        return contextlib.nullcontext(), None
+    parent_id = tracking.member_parent(setup.model_name, setup.run_params, params.tracking.experiment)
+    tags = {"model": setup.model_name, "seed": str(setup.seed), "mlflow.parentRunId": parent_id, "kind": "member"}
+    return tracking.start_run(setup.member, stage="train", params=setup.run_params,
+                              experiment=params.tracking.experiment, tags=tags), parent_id
+
+
 def _fit_untrained(setup: TrainSetup, params: Params, seconds: float) -> dict:
     """A member fitted by `build_data` alone (no optimizer steps): its outputs and MLflow run, as `fit_member`'s.
     Every DDP rank would fit the same member, so only global rank 0 does anything."""
     if not is_global_rank_zero():
         return {}
-    name = setup.model_name
-    parent_id = tracking.member_parent(name, setup.run_params, params.tracking.experiment)
-    with tracking.start_run(setup.member, stage="train", params=setup.run_params, experiment=params.tracking.experiment,
-                            tags={"model": name, "seed": str(setup.seed), "mlflow.parentRunId": parent_id,
-                                  "kind": "member"}):
+    run, parent_id = member_run(setup, params)
+    with run:
         report = write_member_outputs(setup, params, 0)
         result = log_member(setup, params, report, 0, seconds)
     tracking.update_parent(parent_id, METRIC)
