@@ -61,3 +61,19 @@ def test_largest_box_features_take_each_images_largest_box():
     assert (largest[1] == 0).all()
     some = store.largest_box_features(np.array([3, 0]))  # neighbour_words' memory: only these rows, in this order
     np.testing.assert_array_equal(some, largest[[3, 0]])
+
+
+def test_img_index_names_each_slots_box_and_box_features_read_it():
+    """A member that scores one box reports it by the slot's img_index (its position among the image's boxes),
+    which FeatureStore.box_features reads back: whatever boxes the cap kept, padding and boxless rows aside."""
+    store = store_of([[0.1, 0.6, 0.05, 0.3], [0.2, 0.9], []])  # boxes 0-3, 4-5, none
+    batch = image_batch(store, np.array([0, 1, 2]), 2, "largest")
+    assert batch["img_index"][batch["img_mask"]].tolist() == [1, 3, 0, 1]
+    slot = np.array([1, 0, 0])  # row 0: its second kept box (box 3), row 1: its first (box 4), row 2: nothing
+    position = batch["img_index"].numpy()[np.arange(3), slot]
+    features = store.box_features(position)
+    assert features[:, 0].tolist() == [4, 5, 0]  # store index + 1 of boxes 3 and 4; zeros without boxes
+    with pytest.raises(ValueError, match="outside"):
+        store.box_features(np.array([4, 0, 0]))  # row 0 has boxes 0-3
+    with pytest.raises(ValueError, match="3 rows"):
+        store.box_features(np.array([0, 0]))

@@ -27,7 +27,7 @@ from mmrecall.models.mcan import MCAN, MCANConfig
 from mmrecall.models.word_detector import WordDetector, WordDetectorConfig
 from mmrecall.ranking import members, outputs, reranker
 from mmrecall.ranking.ensemble import ensemble_scores, learn_weights, learn_weights_oof
-from mmrecall.ranking.features import FeatureSpec, MemberOutput, build_features
+from mmrecall.ranking.features import FeatureSpec, MemberOutput, box_view_features, build_features
 from mmrecall.ranking.ranker import CandidateTableError, Ranker, candidate_store, read_candidates
 from mmrecall.ranking.smoothing import smooth_features, smooth_pool, smoothed_store
 from mmrecall.stages import predict, prepare, register, rerank, smooth
@@ -362,6 +362,11 @@ def test_rerank_outputs_and_ranker_reproduces_them(in_repo):
     assert spec["box_views"] == ["word_detector-seed1", "word_detector-seed2"]  # rerank.box_views: [word_detector]
     assert {"word_detector-seed1-box.consensus3", "word_detector-seed2-box.density5", "word_detector-seed1-box.pc1"} <= set(names)
     assert not any(n.startswith("word_detector-seed1-box.word_") for n in names)  # a box view has no word details
+    assert spec["best_boxes"] == spec["box_views"]  # the word detectors name their best box: it joins the largest
+    best = pd.read_parquet(root / "outputs" / "word_detector-seed1" / "valid.parquet").best_box.to_numpy()
+    assert (best >= 0).all() and (best < FeatureStore.open(root / "features" / "valid").rows.n_kept.to_numpy()).all()
+    assert "best_box" not in pd.read_parquet(root / "outputs" / "mcan-seed1" / "valid.parquet").columns
+    assert not any("best_box" in n for n in names)  # a box position is not a feature
     assert set(spec["ensemble_weights"]) == set(spec["members"])  # the ensemble is the members'; views are features
     assert 0 <= report["rerank"]["valid"]["ndcg_at_5"] <= 1
     ranker = Ranker.load({"rerank": "models/rerank", **{f"member.{m}": str(members.checkpoint_path(m)) for m in spec["members"]}})
@@ -390,6 +395,24 @@ def test_features_follow_the_saved_spec(micro_data):
     np.testing.assert_array_equal(X_old.to_numpy(), X[older].to_numpy())
     with pytest.raises(UserError, match=r"missing \['b.word_min'\]"):
         build_features(store, outs, FeatureSpec(["a", "b"], 0, {"a": 1.0, "b": 1.0}, [*older, "b.word_min"]), counts)
+
+
+def test_a_box_view_adds_the_members_best_box_beside_the_largest(micro_data):
+    """Without a best box a box view's fused vector is each image's largest box; with one, both unit vectors
+    side by side (an image whose best box is its largest gets the same vector twice)."""
+    store = candidate_store(read_candidates(micro_data / "valid" / "valid.tsv", nrows=60))
+    largest = box_view_features(store)
+    np.testing.assert_array_equal(largest, store.largest_box_features())
+    best = np.random.default_rng(0).integers(0, store.rows.n_kept.to_numpy())  # a kept box of each row
+    both = box_view_features(store, best).astype(np.float32)
+    assert both.shape == (60, 2 * largest.shape[1]) and both.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(both[:, :2048], axis=1), 1, atol=1e-2)
+    unit = store.box_features(best).astype(np.float32)
+    np.testing.assert_allclose(both[:, 2048:], unit / np.linalg.norm(unit, axis=1, keepdims=True), atol=2e-3)
+    area = store.boxes[:, 4]
+    offsets = store.rows.offset.to_numpy()
+    same = [i for i in range(60) if np.argmax(area[offsets[i]:offsets[i] + store.rows.n_kept.iat[i]]) == best[i]]
+    assert same and all(np.allclose(both[i, :2048], both[i, 2048:], atol=2e-3) for i in same)
 
 
 def test_malformed_candidate_table_gives_a_clear_error(micro_data, tmp_path):

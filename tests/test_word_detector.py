@@ -151,13 +151,17 @@ def test_a_bag_averages_its_detectors(tokenizer):
     with torch.no_grad():
         out = model(batch)
         rows, valid = model.words(batch)
-        each = [net(batch, rows, valid) for net in model.nets]
+        each, per_box = zip(*(net(batch, rows, valid) for net in model.nets))
         torch.testing.assert_close(out.logits, torch.stack([o.logits for o in each]).mean(0))
         for name, value in out.details.items():
             torch.testing.assert_close(value, torch.stack([o.details[name] for o in each]).mean(0))
         assert out.fused.shape == (len(QUERIES), 3 * 16) and model.fused_dim == 48
         torch.testing.assert_close(out.fused[:, 16:32], F.normalize(each[1].fused, dim=-1))
         assert not torch.allclose(each[0].logits, each[1].logits)  # each detector has its own initialisation
+        bag_box = torch.stack(per_box).mean(0)  # (B, N) the bag's mean per-box score
+        assert torch.equal(out.best_box, bag_box.argmax(1)) and batch["img_mask"].gather(1, out.best_box[:, None]).all()
+        for o, p in zip(each, per_box):  # a detector's score is its own best box's
+            torch.testing.assert_close(o.logits, p.gather(1, o.best_box[:, None]).squeeze(1))
         singles = []  # each detector alone, as a bag of one
         for net in model.nets:
             single = WordDetector(WordDetectorConfig(**{**vars(model.cfg), "bag": 1}), tokenizer.vocab_size)

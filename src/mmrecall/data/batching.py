@@ -4,6 +4,7 @@ A batch is a dict of tensors that every model accepts (each ignores what it does
   input_ids (B, T), attention_mask (B, T)           the query, tokenised once per distinct text
   img_feat (B, N, 2048), img_box (B, N, 6),          the candidate's boxes, zero-padded to the
   img_label (B, N), img_mask (B, N) True = real box  largest box count in the batch
+  img_index (B, N)                                   each slot's box: its position among the image's boxes
 
 Training batches (`TrainBatches`) hold (query, positive, hard negative) triples as {"pos": batch, "neg": batch},
 or, for a model with an in-batch loss (two-tower, word detectors), positive pairs as {"pos": batch, "query": (B,) query index}; what an
@@ -86,6 +87,7 @@ def image_batch(store: FeatureStore, rows: np.ndarray, max_boxes: int | None = N
         "img_box": torch.from_numpy(box),
         "img_label": torch.from_numpy(label),
         "img_mask": torch.from_numpy(mask),
+        "img_index": torch.from_numpy(src - offsets[:, None]),  # padding slots: past the image's boxes
     }
 
 

@@ -128,6 +128,20 @@ class FeatureStore:
         out[row_of_box[first]] = self.features[boxes[first]]
         return out
 
+    def box_features(self, box: np.ndarray) -> np.ndarray:
+        """(rows, 2048) the feature of box `box[i]` (its position among row i's kept boxes) of every row, in the
+        store's dtype; zeros for a row without boxes."""
+        offsets, counts = self.rows.offset.to_numpy(), self.rows.n_kept.to_numpy()
+        box = np.asarray(box, np.int64)
+        if len(box) != len(offsets):
+            raise ValueError(f"box_features: {len(box)} boxes for {len(offsets)} rows")
+        has = counts > 0
+        if (box[has] < 0).any() or (box[has] >= counts[has]).any():
+            raise ValueError("box_features: a box position outside its row's boxes")
+        out = np.zeros((len(offsets), FEATURE_DIM), self.features.dtype)
+        out[has] = self.features[offsets[has] + box[has]]
+        return out
+
     def mean_features(self, start: int, stop: int) -> np.ndarray:
         """Mean box feature (float32) of rows [start, stop), read as one contiguous slice."""
         offsets = self.rows.offset.to_numpy()[start:stop]

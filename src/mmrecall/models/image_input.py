@@ -23,6 +23,7 @@ class RankerOutput:
     logits: Tensor  # (B,)
     fused: Tensor  # (B, D), the features handed to the LightGBM re-ranker
     details: dict[str, Tensor] = field(default_factory=dict)  # name -> (B,): more numbers for the re-ranker
+    best_box: Tensor | None = None  # (B,) slot of the box the score was read from (a ranker that scores one box)
 
 
 def mask_value(dtype: torch.dtype) -> float:

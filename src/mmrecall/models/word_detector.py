@@ -29,7 +29,8 @@ the table stands for any other token, which counts as no word at all.
 A member can hold a *bag* of `bag` such detectors (`Detector`: a box MLP and a detector table each, each
 initialised on its own), trained side by side on the same batches (the mean of their losses). The member's
 score and word details are the bag's means, and its fused vector their L2-normalised best-box codes side by
-side, so the re-ranker's consensus compares candidates in every detector's view. A bag of 2 costs twice
+side, so the re-ranker's consensus compares candidates in every detector's view. Its best box (`best_box`) is
+the one with the highest bag-mean score: the re-ranker's box view reads that box's ROI feature. A bag of 2 costs twice
 the steps of one and, on valid, did what two separately trained word_detector members do (BENCHMARKS.md).
 """
 
@@ -190,7 +191,8 @@ class Detector(nn.Module):
         image = torch.logsumexp(logits, dim=1) - torch.log(mask.sum(1, keepdim=True).clamp(min=1))  # (B, U) log-mean-exp
         return F.binary_cross_entropy_with_logits(image, target, weight=weight)
 
-    def forward(self, batch: dict[str, Tensor], rows: Tensor, valid: Tensor) -> RankerOutput:
+    def forward(self, batch: dict[str, Tensor], rows: Tensor, valid: Tensor) -> tuple[RankerOutput, Tensor]:
+        """This detector's output and its (B, N) per-box scores (masked boxes: the mask value)."""
         h = self.boxes(batch)  # (B, N, H)
         word_logits = torch.einsum("bnh,bth->bnt", h, self.detectors(rows)) + self.bias(rows).squeeze(-1)[:, None, :]
         log_p = F.logsigmoid(word_logits) * valid[:, None, :]  # (B, N, T)
@@ -199,7 +201,9 @@ class Detector(nn.Module):
         score, best = per_box.max(dim=1)  # (B,)
         at_best = torch.arange(len(h), device=h.device), best
         own_box = masked_fill(log_p, batch["img_mask"][..., None]).amax(1)  # (B, T) each word at its own best box
-        return RankerOutput(logits=score, fused=h[at_best], details=word_details(log_p[at_best], own_box, valid))
+        out = RankerOutput(logits=score, fused=h[at_best], details=word_details(log_p[at_best], own_box, valid),
+                           best_box=best)
+        return out, per_box
 
 
 class WordDetector(nn.Module):
@@ -271,11 +275,12 @@ class WordDetector(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> RankerOutput:
         rows, valid = self.words(batch)
-        outs = [net(batch, rows, valid) for net in self.nets]
+        outs, per_box = zip(*(net(batch, rows, valid) for net in self.nets))
         return RankerOutput(
             logits=torch.stack([o.logits for o in outs]).mean(0),  # (B,)
             fused=torch.cat([F.normalize(o.fused, dim=-1) for o in outs], -1),  # (B, bag * H)
             details={name: torch.stack([o.details[name] for o in outs]).mean(0) for name in outs[0].details},
+            best_box=torch.stack(per_box).mean(0).argmax(1),  # (B,) the box the bag scores highest
         )
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):

@@ -13,7 +13,9 @@
   vectors of every evaluation split: unsupervised, no labels; one member at a time, in chunks of rows);
 - all of the above again for each *view* of a member, a source of its own: the member scored on smoothed
   boxes (`<member>-knn`), and its scores with the raw ROI feature of each image's largest box as the fused
-  vector (`<member>-box`: its best candidates compared by everything the detector saw; no details);
+  vector (`<member>-box`: its best candidates compared by everything the detector saw; no details); for a
+  member that names the box it scored (the word detector), that box's ROI feature beside the largest's
+  (`box_view_features`);
 - candidate features: num_boxes, kept boxes, image size, box area / aspect statistics, label histogram
   summary, the candidate's number of rows over all evaluation files (valid + testA + testB), its gap to
   the query's least frequent candidate and to the frequency filter's threshold (the 5th smallest count
@@ -281,6 +283,22 @@ class MemberOutput(NamedTuple):
     details: dict[str, np.ndarray] | None = None  # name -> (rows,): its score table's extra columns (+ consensus)
 
 
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-6)
+
+
+def box_view_features(store: FeatureStore, best_box: np.ndarray | None = None) -> np.ndarray:
+    """A box view's fused vectors: each image's largest-box ROI feature; with `best_box` (the member's best
+    box per row, `FeatureStore.box_features`), float16 (rows, 4096): both L2-normalised, side by side. The
+    largest box is usually the product; the best box is where the member saw the query, which the largest
+    misses when the product is not the large box or clutter fills the frame."""
+    largest = store.largest_box_features()
+    if best_box is None:
+        return largest
+    return np.concatenate([_unit(largest), _unit(store.box_features(best_box))], axis=1).astype(np.float16)
+
+
 def member_output(logits: np.ndarray, fused: np.ndarray, details: dict | None, groups: np.ndarray,
                   pca: tuple[np.ndarray, np.ndarray] | None, spec: FeatureSpec) -> MemberOutput:
     """One member's MemberOutput on one split (the stage and the served ranker both build it here).
@@ -309,6 +327,7 @@ class FeatureSpec:
     density: list[int] = field(default_factory=list)  # k's of the density features (none in older specs)
     views: list[str] = field(default_factory=list)  # members that also join on smoothed boxes, as <member>-knn
     box_views: list[str] = field(default_factory=list)  # members that also join in raw box features, as <member>-box
+    best_boxes: list[str] = field(default_factory=list)  # box views that add their member's best box (none in older specs)
 
     @property
     def sources(self) -> list[str]:

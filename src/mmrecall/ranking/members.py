@@ -31,6 +31,7 @@ from ..data.store import FeatureStore
 from ..errors import UserError
 from ..models.backbone import load_tokenizer
 from ..models.registry import MODELS
+from .outputs import BEST_BOX
 
 TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 GPU_EVAL_BATCH_FACTOR = 4  # on a GPU, score 4 x train.eval_batch_size rows per batch (no activations are kept)
@@ -109,22 +110,26 @@ def load(path: str | Path, backbone: str | None = None, accelerator: str | None 
 @torch.no_grad()
 def score_batches(model: nn.Module, batches: EvalBatches, device: torch.device = CPU,
                   precision: str = "32-true") -> tuple[pd.DataFrame, np.ndarray]:
-    """Score table (query_id, product_id, score, then the model's `details` columns) and the fused vectors
-    (float16) of every row, on `device`."""
+    """Score table (query_id, product_id, score, then `best_box` for a model that scores one box: its position
+    among the image's boxes, then the model's `details` columns) and the fused vectors (float16) of every row,
+    on `device`."""
     tensors = itertools.chain(model.parameters(), model.buffers())  # neighbour_words has buffers only
     if model.training or next(tensors).device != device:  # each walks every module: ~2 ms a call
         model.eval().to(device)
-    logits, fused, details = [], [], {}
+    logits, fused, best_box, details = [], [], [], {}
     with autocast(device, precision):
         for batch in batches:
             out = model({key: value.to(device, non_blocking=True) for key, value in batch.items()})
             logits.append(out.logits.float().cpu().numpy())
             fused.append(out.fused.float().cpu().numpy().astype(np.float16))
+            if out.best_box is not None:  # slot -> the box's position in its image
+                best_box.append(batch["img_index"].gather(1, out.best_box.cpu()[:, None]).squeeze(1).numpy())
             for name, value in out.details.items():
                 details.setdefault(name, []).append(value.float().cpu().numpy())
     rows = batches.store.rows
+    boxes = {BEST_BOX: np.concatenate(best_box).astype(np.int32)} if best_box else {}
     table = pd.DataFrame({"query_id": rows.query_id, "product_id": rows.product_id, "score": np.concatenate(logits),
-                          **{name: np.concatenate(parts) for name, parts in details.items()}})
+                          **boxes, **{name: np.concatenate(parts) for name, parts in details.items()}})
     return table, np.concatenate(fused)
 
 

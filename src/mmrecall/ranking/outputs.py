@@ -1,8 +1,9 @@
 """Score outputs on disk: the one module that reads and writes them.
 
     outputs/<name>/<split>.parquet       score table (query_id, product_id, score), rows in feature-store order;
-                                         a member may add columns of its own (RankerOutput.details), which
-                                         the re-ranker reads as features
+                                         a member that scores one box adds `best_box` (that box's position
+                                         in the image), and a member may add columns of its own
+                                         (RankerOutput.details), which the re-ranker reads as features
     outputs/<name>/<split>_fused.npy     float16 (rows, D): the vector behind each score (members only),
                                          what the LightGBM re-ranker projects with PCA
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from ..data.store import FeatureStore
 from ..errors import MissingInputError, UserError
@@ -42,8 +44,9 @@ def view(member: str) -> str:
 
 
 def box_view(member: str) -> str:
-    """A member's scores read with each image's largest-box ROI feature as its fused vector: a third source of
-    re-ranker features (`rerank.box_views`; nothing on disk, built from the member's table and the store)."""
+    """A member's scores read with each image's largest-box ROI feature as its fused vector (beside its best
+    box's, for a member that names one): a third source of re-ranker features (`rerank.box_views`; nothing on
+    disk, built from the member's table and the store)."""
     return f"{member}-box"
 
 
@@ -80,12 +83,26 @@ def read_tables(outputs_dir: str | Path, name: str, splits) -> dict[str, pd.Data
     return {s: read_score_table(table_path(outputs_dir, name, s)) for s in splits if exists(outputs_dir, name, s)}
 
 
-SCORE_COLUMNS = ("query_id", "product_id", "score")
+BEST_BOX = "best_box"  # score table column of a member that scores one box: that box's position in the image
+SCORE_COLUMNS = ("query_id", "product_id", "score", BEST_BOX)
 
 
 def table_details(table: pd.DataFrame) -> dict[str, np.ndarray]:
-    """A member's details: the columns of its score table after (query_id, product_id, score), by name."""
+    """A member's details: the columns of its score table after (query_id, product_id, score[, best_box]), by name."""
     return {c: table[c].to_numpy() for c in table.columns if c not in SCORE_COLUMNS}
+
+
+def table_best_box(table: pd.DataFrame) -> np.ndarray | None:
+    """The member's best box of every row, or None for a member that does not name one."""
+    return table[BEST_BOX].to_numpy() if BEST_BOX in table.columns else None
+
+
+def read_best_box(outputs_dir: str | Path, name: str, split: str) -> np.ndarray | None:
+    """`table_best_box` of a member's score table on disk (read after `read_member`, which checks its rows)."""
+    path = table_path(outputs_dir, name, split)
+    if BEST_BOX not in pq.read_schema(path).names:
+        return None
+    return pd.read_parquet(path, columns=[BEST_BOX])[BEST_BOX].to_numpy()
 
 
 def read_member(outputs_dir: str | Path, name: str, split: str,

@@ -34,8 +34,8 @@ from ..data.tsv import COLUMNS, parse_chunk
 from ..errors import MissingInputError, UserError
 from . import members as members_mod
 from . import reranker
-from .features import build_features, member_output
-from .outputs import box_view, table_details, view
+from .features import box_view_features, build_features, member_output
+from .outputs import box_view, table_best_box, table_details, view
 from .smoothing import smoothed_store
 
 INT_COLUMNS = ("product_id", "image_h", "image_w", "num_boxes", "query_id")
@@ -118,18 +118,22 @@ class Ranker:
             knn = smoothed_store(store, SmoothParams(k=s["k"], weights=s["weights"]))
         members_see = knn if self.spec["smoothing"] else store
         sources = [(name, name, members_see) for name in self.members] + [(view(name), name, knn) for name in views]
-        outputs, logits = {}, {}
+        outputs, tables = {}, {}
         for source, name, boxes in sources:  # each member, then each smoothed view of one
             scores, fused = members_mod.score(self.members[name], boxes)
-            logits[source] = scores.score.to_numpy()
-            outputs[source] = member_output(logits[source], fused, table_details(scores),
+            tables[source] = scores
+            logits = scores.score.to_numpy()
+            outputs[source] = member_output(logits, fused, table_details(scores),
                                             boxes.rows.query_id.to_numpy(), self.pca.get(source), self.feature_spec)
-        if self.feature_spec.box_views:
-            largest = store.largest_box_features()
-            for name in self.feature_spec.box_views:  # the member's scores, in the raw features of the largest boxes
-                source = box_view(name)
-                outputs[source] = member_output(logits[name], largest, None, store.rows.query_id.to_numpy(),
-                                                self.pca.get(source), self.feature_spec)
+        for name in self.feature_spec.box_views:  # the member's scores, in the raw features of its image's boxes
+            best = None
+            if name in self.feature_spec.best_boxes:
+                best = table_best_box(tables[name])
+                if best is None:
+                    raise UserError(f"member {name!r} names no best box, which its re-ranker was fitted with")
+            outputs[box_view(name)] = member_output(tables[name].score.to_numpy(), box_view_features(store, best),
+                                                    None, store.rows.query_id.to_numpy(),
+                                                    self.pca.get(box_view(name)), self.feature_spec)
         in_table = store.rows.product_id.value_counts()
         counts = pd.concat([self.counts.reindex(in_table.index).fillna(0), in_table], axis=1).max(axis=1)
         X, ensemble = build_features(store, outputs, self.feature_spec, counts)

@@ -33,7 +33,7 @@ from ..data.store import FeatureStore
 from ..errors import MissingInputError, UserError
 from . import outputs
 from .ensemble import learn_weights, learn_weights_oof
-from .features import FeatureSpec, build_features, fit_pca, member_output
+from .features import FeatureSpec, box_view_features, build_features, fit_pca, member_output
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def read_members(outputs_dir: Path, folders: list[str], stores: dict[str, Featur
                  ) -> tuple[dict[str, dict], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """({split: {source: MemberOutput}}, {source: (mean, components)}) of `spec.sources` (the members, then their
     smoothed views, then their box views), read from `folders` (one per source; a box view's is its member's:
-    its scores, with the largest box's ROI feature of each image as the fused vector and no details).
+    its scores, with `box_view_features` as the fused vector and no details).
 
     One source at a time: its fused vectors (memory-mapped) are read in chunks by the PCA and the
     projection, one query at a time by the consensus and density features, and only their `pca_dims`
@@ -147,16 +147,27 @@ def read_members(outputs_dir: Path, folders: list[str], stores: dict[str, Featur
     """
     outs: dict[str, dict] = {s: {} for s in stores}
     pca = {}
+    box_member = dict(zip(spec.box_sources, spec.box_views))
     for name, folder in zip(spec.sources, folders, strict=True):
         member = {s: outputs.read_member(outputs_dir, folder, s, st) for s, st in stores.items()}
-        if name in spec.box_sources:
-            member = {s: (logits, stores[s].largest_box_features(), None) for s, (logits, _, _) in member.items()}
+        if name in box_member:
+            best = {s: _best_box(outputs_dir, folder, s) if box_member[name] in spec.best_boxes else None
+                    for s in stores}
+            member = {s: (logits, box_view_features(stores[s], best[s]), None) for s, (logits, _, _) in member.items()}
         if spec.uses_fused:
             pca[name] = fit_pca([fused for _, fused, _ in member.values()], spec.pca_dims)
         for s, (logits, fused, details) in member.items():
             outs[s][name] = member_output(logits, fused, details, stores[s].rows.query_id.to_numpy(), pca.get(name),
                                           spec)
     return outs, pca
+
+
+def _best_box(outputs_dir: Path, folder: str, split: str) -> np.ndarray:
+    best = outputs.read_best_box(outputs_dir, folder, split)
+    if best is None:
+        raise UserError(f"{outputs.table_path(outputs_dir, folder, split)}: no {outputs.BEST_BOX} column, which "
+                        f"the member's other splits have (re-run `mmrecall evaluate`)")
+    return best
 
 
 def feature_spec(rp: RerankParams, members: list[str], views: list[str] = (), box_views: list[str] = ()
@@ -199,6 +210,7 @@ def fit_variant(params: Params, stores: dict[str, FeatureStore], counts: pd.Seri
     boxes = box_views(params, names)
     spec = feature_spec(rp, names, views, boxes)
     member_folder = {m: outputs.smoothed(m) if smoothing else m for m in names}
+    spec.best_boxes = [m for m in boxes if outputs.read_best_box(outputs_dir, member_folder[m], "valid") is not None]
     folders = [member_folder[m] for m in names] + [outputs.smoothed(m) for m in views] + [member_folder[m] for m in boxes]
     outs, pca = read_members(outputs_dir, folders, stores, spec)
     valid = stores["valid"]
@@ -241,6 +253,7 @@ def save(variant: Variant, params: Params, counts: pd.Series, smoothing: bool, m
         "density": variant.spec.density,
         "views": variant.spec.views,
         "box_views": variant.spec.box_views,
+        "best_boxes": variant.spec.best_boxes,
         "ensemble_weights": variant.spec.ensemble_weights,
         "names": variant.spec.names,
         "objective": params.rerank.objective,
@@ -271,7 +284,8 @@ class Saved:
 def _saved_feature_spec(s: dict) -> FeatureSpec:
     """The FeatureSpec of a spec.json (older ones lack the later keys: their defaults)."""
     return FeatureSpec(s["members"], s["pca_dims"], s["ensemble_weights"], s["names"], s.get("consensus", []),
-                       s.get("consensus_rounds", 1), s.get("density", []), s.get("views", []), s.get("box_views", []))
+                       s.get("consensus_rounds", 1), s.get("density", []), s.get("views", []), s.get("box_views", []),
+                       s.get("best_boxes", []))
 
 
 def load(folder: str | Path = MODEL_DIR) -> Saved:
