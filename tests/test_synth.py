@@ -84,3 +84,26 @@ def test_worlds_change_what_they_name(tmp_path):
         assert (tmp_path / "hard" / split / f"{split}.tsv").stat().st_size > 0
     assert set(WORLDS) >= {"default", "near-miss", "looks", "noise", "small", "hard"}
     assert all(hasattr(small, key) for overrides in WORLDS.values() for key in overrides)
+
+
+def test_a_scene_shows_the_product_small_beside_a_large_clutter_box(tmp_path):
+    """main_large_rate: the largest box of an image is the product (the default), or in a scene a clutter box,
+    mostly of the clutter classes (others, body parts)."""
+    from mmrecall.config import PrepareParams
+    from mmrecall.data.ingest import ingest_tsv
+    from mmrecall.data.store import FeatureStore
+    from mmrecall.data.synth import BODY_PARTS, OTHERS
+
+    def largest_labels(rate: float) -> np.ndarray:
+        out = tmp_path / str(rate)
+        generate(out, SynthParams(train_queries=40, valid_queries=4, test_queries=4, main_large_rate=rate), progress=False)
+        ingest_tsv(out / "train" / "train.tsv", out / "store", PrepareParams(workers=0), train=True, progress=False)
+        store = FeatureStore.open(out / "store")
+        labels = []
+        for i in range(len(store)):
+            _, boxes, box_labels = store.image(i)
+            labels.append(box_labels[np.argmax(boxes[:, 4])])
+        return np.isin(labels, [OTHERS, *BODY_PARTS])
+
+    assert not largest_labels(1.0).any()  # the product is the large box
+    assert largest_labels(0.0).mean() > 0.6  # a scene's large box is clutter

@@ -58,6 +58,7 @@ class SynthParams:
     near_miss_rate: float = 0.0  # extra share of each eval query's negatives: same category, one named value wrong
     main_first_rate: float = 0.6  # images whose product box comes first in the detector's list
     clutter_correlation: float = 0.0  # how much clutter boxes resemble the product (0 = independent)
+    main_large_rate: float = 1.0  # images showing the product large; the others show it small, beside a large clutter box
 
 
 @dataclass

@@ -72,6 +72,7 @@ WORLDS: dict[str, dict] = {
     "noise": {"feature_noise": 0.7},  # twice the feature noise
     "small": {"train_queries": 1500},  # half the train queries
     "clutter": {"main_first_rate": 0.3, "clutter_correlation": 0.5},  # product box rarely first, look-alike clutter
+    "scene": {"main_large_rate": 0.5},  # half the images show the product small, beside a large clutter box
     "hard": {"near_miss_rate": 0.35, "attribute_groups": 12, "feature_noise": 0.5, "train_queries": 1500,
              "rows_per_train_query": 3.5, "main_first_rate": 0.4, "clutter_correlation": 0.3},
 }
@@ -167,16 +168,23 @@ class World:
         label_main = CATEGORIES[p.category][1]
         latents, labels, boxes = [], [], []
         n_main = 1 + int(rng.random() < 0.3)
+        # a scene: the product small, a clutter box large (no draw at rate 1: the default world stays as it was)
+        scene = prm.main_large_rate < 1 and rng.random() >= prm.main_large_rate
         for _ in range(n_main):  # the product itself (a second, partial view sometimes)
             latents.append(z_main + prm.feature_noise * rng.normal(size=z_main.shape))
             labels.append(label_main)
-            t, l = rng.uniform(0, 0.15) * h, rng.uniform(0, 0.15) * w
-            boxes.append((t, l, rng.uniform(0.8, 1.0) * h, rng.uniform(0.8, 1.0) * w))
+            if scene:
+                t, l = rng.uniform(0, 0.6) * h, rng.uniform(0, 0.6) * w
+                boxes.append((t, l, t + rng.uniform(0.2, 0.4) * h, l + rng.uniform(0.2, 0.4) * w))
+            else:
+                t, l = rng.uniform(0, 0.15) * h, rng.uniform(0, 0.15) * w
+                boxes.append((t, l, rng.uniform(0.8, 1.0) * h, rng.uniform(0.8, 1.0) * w))
         if rng.random() < prm.long_image_rate:
             n_clutter = int(rng.integers(40, 60))
         else:
             n_clutter = min(int(rng.negative_binomial(0.96, 0.278)), 14)
-        for _ in range(n_clutter):
+        n_clutter = max(n_clutter, int(scene))  # a scene has its large box
+        for i in range(n_clutter):
             r = rng.random()
             if r < 0.15:  # another object in the picture
                 other = self.random_product()
@@ -188,6 +196,10 @@ class World:
                     z = z + prm.clutter_correlation * z_main
                 latents.append(z)
                 labels.append(OTHERS if r < 0.75 else int(rng.choice(BODY_PARTS)))
+            if scene and i == 0:  # the scene's large box: a person, a room, a shelf
+                t, l = rng.uniform(0, 0.15) * h, rng.uniform(0, 0.15) * w
+                boxes.append((t, l, rng.uniform(0.8, 1.0) * h, rng.uniform(0.8, 1.0) * w))
+                continue
             t, l = rng.uniform(0, 0.8) * h, rng.uniform(0, 0.8) * w
             boxes.append((t, l, min(h, t + rng.uniform(0.05, 0.4) * h), min(w, l + rng.uniform(0.05, 0.4) * w)))
         order = np.arange(len(labels))

@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a named variation of the params' world, harder in one known way (near-miss: half "
                         "the negatives one attribute off; looks: per-category attribute looks; noise: 2x feature "
                         "noise; small: half the train queries; clutter: product box rarely first, look-alike "
-                        "clutter; hard: all of them, 1,500 train queries)")
+                        "clutter; scene: half the images show the product small beside a large clutter box; "
+                        "hard: milder versions of the first five, 1,500 train queries)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     params = load_params(args.params)
