@@ -59,8 +59,11 @@ def test_largest_box_features_take_each_images_largest_box():
     assert largest.shape == (4, FEATURE_DIM)
     assert largest[:, 0].tolist() == [2, 0, 5, 7]  # store index + 1 of boxes 1, -, 4 and 6
     assert (largest[1] == 0).all()
-    some = store.largest_box_features(np.array([3, 0]))  # neighbour_words' memory: only these rows, in this order
+    some = store.largest_box_features(np.array([3, 0]))  # only these rows, in this order
     np.testing.assert_array_equal(some, largest[[3, 0]])
+    # neighbour_words' memory: each image's 2 largest boxes, largest first (ties: the earlier), -1 past its boxes
+    assert store.largest_boxes(2).tolist() == [[1, 3], [-1, -1], [4, -1], [6, 5]]
+    assert store.largest_boxes(2, np.array([3, 2])).tolist() == [[6, 5], [4, -1]]
 
 
 def test_img_index_names_each_slots_box_and_box_features_read_it():

@@ -12,7 +12,7 @@ import torch
 from mmrecall.models import neighbour_words as nw
 from mmrecall.models.backbone import load_tokenizer
 from mmrecall.models.image_input import FEAT_DIM
-from mmrecall.models.neighbour_words import NeighbourWords, NeighbourWordsConfig, largest_box
+from mmrecall.models.neighbour_words import NeighbourWords, NeighbourWordsConfig, largest_boxes
 from mmrecall.models.word_detector import UNKNOWN
 from mmrecall.ranking import members
 
@@ -44,9 +44,10 @@ def fitted(tokenizer, k: int = 3, **kw) -> NeighbourWords:
     return model.eval()
 
 
-def batch(tokenizer, texts: list[str], images: list[str], pad_boxes: int = 0) -> dict[str, torch.Tensor]:
+def batch(tokenizer, texts: list[str], images: list[str], pad_boxes: int = 0, scene: bool = False
+          ) -> dict[str, torch.Tensor]:
     """One candidate per (query, image look): its look in a large box, next to a small box of noise (and
-    `pad_boxes` padded slots holding a huge box that must be ignored)."""
+    `pad_boxes` padded slots holding a huge box that must be ignored); `scene`: the look in the small box."""
     rng = np.random.default_rng(1)
     enc = tokenizer(texts, padding=True, return_tensors="pt")
     B, N = len(texts), 2 + pad_boxes
@@ -55,20 +56,23 @@ def batch(tokenizer, texts: list[str], images: list[str], pad_boxes: int = 0) ->
     for b, image in enumerate(images):
         feat[b, 0] = torch.from_numpy(rng.normal(0, 1, FEAT_DIM).astype(np.float32))  # small clutter box first
         feat[b, 1] = torch.from_numpy(looks(image, rng))
-        box[b, 0, 4], box[b, 1, 4] = 0.1, 0.6
+        box[b, 0, 4], box[b, 1, 4] = (0.6, 0.1) if scene else (0.1, 0.6)
         box[b, 2:, 4] = 5.0  # padding with a huge "area"
     mask = torch.arange(N)[None, :] < 2
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "img_feat": feat, "img_box": box,
             "img_label": torch.zeros(B, N, dtype=torch.long), "img_mask": mask.expand(B, N)}
 
 
-def test_largest_box_ignores_padding():
-    feat = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)
-    box = torch.zeros(2, 3, 6)
+def test_largest_boxes_ignore_padding():
+    box = torch.zeros(3, 3, 6)
     box[0, :, 4] = torch.tensor([0.2, 0.5, 0.9])  # slot 2 is padding
-    box[1, :, 4] = torch.tensor([0.4, 0.4, 0.1])  # a tie: the earlier box
-    mask = torch.tensor([[True, True, False], [True, True, True]])
-    np.testing.assert_array_equal(largest_box(feat, box, mask).numpy(), feat[[0, 1], [1, 0]].numpy())
+    box[1, :, 4] = torch.tensor([0.4, 0.4, 0.1])  # a tie: the earlier box first
+    mask = torch.tensor([[True, True, False], [True, True, True], [False, False, False]])  # row 2: no boxes
+    slots, real = largest_boxes(box, mask, 2)
+    assert slots[:2].tolist() == [[1, 0], [0, 1]]
+    assert real.tolist() == [[True, True], [True, True], [True, False]]  # a boxless row still scores its slot 0
+    slots, real = largest_boxes(box[:, :1], mask[:, :1], 2)  # fewer slots than boxes asked for
+    assert slots.shape == (3, 1)
 
 
 def test_vocabulary_skips_punctuation_and_special_tokens(tokenizer):
@@ -79,7 +83,7 @@ def test_vocabulary_skips_punctuation_and_special_tokens(tokenizer):
 
 
 def test_scores_the_words_of_the_nearest_train_images(tokenizer):
-    model = fitted(tokenizer)
+    model = fitted(tokenizer, boxes=1)  # the look's box only (with 2, a near-miss scores as its noise box's average)
     out = model(batch(tokenizer, ["red dress", "red dress", "red dress", "sofa"],
                       ["red dress", "blue dress", "red shoes", "red dress"], pad_boxes=1))
     score = out.logits
@@ -90,6 +94,20 @@ def test_scores_the_words_of_the_nearest_train_images(tokenizer):
     assert out.details["word_min"][0] == pytest.approx(1.0, abs=1e-4)  # all 3 neighbours say "red" and "dress"
     assert out.details["word_min"][1] < 0.5 and out.details["word_max"][1] == pytest.approx(1.0, abs=1e-4)
     assert out.details["word_min"][3] == 0 and out.details["word_max"][3] == 0
+
+
+def test_a_product_beside_a_larger_box_is_found_among_the_largest_boxes(tokenizer):
+    """With boxes 2 a candidate scores as its best of its 2 largest boxes (and names it): the look in the small
+    box of a scene still beats a near-miss; with boxes 1 only the large noise box is read."""
+    texts, images = ["red dress", "red dress"], ["red dress", "blue dress"]
+    out = fitted(tokenizer)(batch(tokenizer, texts, images, scene=True))
+    assert out.logits[0] > out.logits[1] and out.best_box[0] == 1  # slot 1: the small box, the look
+    assert out.details["word_min"][0] == pytest.approx(1.0, abs=1e-4)
+    plain = fitted(tokenizer)(batch(tokenizer, texts, images))  # the look in the large box: found the same
+    torch.testing.assert_close(plain.logits, out.logits)
+    assert plain.best_box.tolist() == out.best_box.tolist()
+    one = fitted(tokenizer, boxes=1)(batch(tokenizer, texts, images, scene=True))
+    assert one.best_box.tolist() == [0, 0] and one.logits[0] < out.logits[0]  # the large noise box only
 
 
 def test_memory_chunks_give_the_same_neighbours(tokenizer, monkeypatch):
@@ -151,9 +169,13 @@ def test_fitted_member_round_trips(micro_copy, monkeypatch):
     assert 0 <= result["valid"]["ndcg_at_5"] <= 1 and result["logged_model"]["model_id"]
     assert not (root / "checkpoints" / "neighbour_words-seed1").exists()  # no Lightning run
     member = members.load(root / "models" / "neighbour_words" / "seed1" / "model.pt")
-    train_rows = len(FeatureStore.open(root / "features" / "train"))
-    assert member.model.memory.shape == (train_rows, FEAT_DIM)
+    train = FeatureStore.open(root / "features" / "train")
+    boxes = np.minimum(train.rows.n_kept.to_numpy(), 2).sum()  # the 2 largest boxes of each train image
+    assert member.model.memory.shape == (boxes, FEAT_DIM) and boxes > len(train)
     table, fused = members.score(member, FeatureStore.open(root / "features" / "valid"))
     saved = pd.read_parquet(root / "outputs" / "neighbour_words-seed1" / "valid.parquet")
     np.testing.assert_allclose(table.score.to_numpy(), saved.score.to_numpy(), atol=1e-5)
+    valid = FeatureStore.open(root / "features" / "valid")
+    best, largest = saved.best_box.to_numpy(), valid.largest_boxes(2)  # each row's best of its 2 largest boxes
+    assert ((valid.rows.offset.to_numpy() + best)[:, None] == largest).any(1).all()
     assert fused.shape == (len(saved), 64) and list(table.columns) == list(saved.columns)

@@ -111,21 +111,30 @@ class FeatureStore:
         end = start + int(self.rows.n_kept.iat[i])
         return self.features[start:end], self.boxes[start:end], self.labels[start:end]
 
-    def largest_box_features(self, rows: np.ndarray | None = None) -> np.ndarray:
-        """(rows, 2048) the feature of each row's largest box by area (ties: the earlier box; zeros for a row
-        without boxes), in the store's dtype; `rows`: only these store rows, in this order (default: all)."""
+    def largest_boxes(self, n: int, rows: np.ndarray | None = None) -> np.ndarray:
+        """(rows, n) store index of each row's `n` largest boxes by area, largest first (ties: the earlier box),
+        -1 past a row's boxes; `rows`: only these store rows, in this order (default: all)."""
         offsets, counts = self.rows.offset.to_numpy(), self.rows.n_kept.to_numpy().astype(np.int64)
         if rows is not None:
             offsets, counts = offsets[rows], counts[rows]
-        out = np.zeros((len(offsets), FEATURE_DIM), self.features.dtype)
+        out = np.full((len(offsets), n), -1, np.int64)
         if not counts.sum():
             return out
         row_of_box = np.repeat(np.arange(len(offsets)), counts)  # row i's boxes are offsets[i] + [0, counts[i])
         boxes = np.repeat(offsets - (np.cumsum(counts) - counts), counts) + np.arange(counts.sum())  # their store index
         area = np.asarray(self.boxes[boxes, AREA], np.float64)
         order = np.lexsort((np.arange(len(boxes)), -area, row_of_box))  # by row, then largest, then earliest
-        first = order[np.r_[0, np.flatnonzero(np.diff(row_of_box[order])) + 1]]  # each row's first in that order
-        out[row_of_box[first]] = self.features[boxes[first]]
+        rank = np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts)  # place within its row
+        keep = rank < n
+        out[row_of_box[order][keep], rank[keep]] = boxes[order][keep]
+        return out
+
+    def largest_box_features(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """(rows, 2048) the feature of each row's largest box by area (ties: the earlier box; zeros for a row
+        without boxes), in the store's dtype; `rows`: only these store rows, in this order (default: all)."""
+        largest = self.largest_boxes(1, rows)[:, 0]
+        out = np.zeros((len(largest), FEATURE_DIM), self.features.dtype)
+        out[largest >= 0] = self.features[largest[largest >= 0]]
         return out
 
     def box_features(self, box: np.ndarray) -> np.ndarray:

@@ -2,23 +2,27 @@
 train images.
 
 Not one of the winning systems: a project member that transfers words by nearest neighbours. Fitting keeps
-a *memory* of train images: each one's largest box (its ROI feature, standardised per dimension over the
-memory and L2-normalised) and the words of its train query. A candidate image is looked up by its own
-largest box; its k nearest memory images (cosine) vote for their queries' words, weighted by similarity:
+a *memory* of train boxes: the `boxes` largest boxes of each train image (their ROI features, standardised per
+dimension over the memory and L2-normalised), each with the words of its image's train query. A candidate
+image's `boxes` largest boxes are looked up in turn; a box's k nearest memory boxes (cosine) vote for their
+queries' words, weighted by similarity, and the image scores as its best box:
 
-    share(w, image) = sum_{n in kNN(image)} s_n [w in query(n)] / sum_n s_n,   s_n = max(cos, 0)
-    score(q, image) = mean_{w in q} log(share(w, image) + floor)
+    share(w, box) = sum_{n in kNN(box)} s_n [w in query(n)] / sum_n s_n,   s_n = max(cos, 0)
+    score(q, image) = max_{box}  mean_{w in q} log(share(w, box) + floor)
 
 so the read-out is whatever the nearest train images were called, however an attribute looks in each
-category: no linear probe or learned detector has to find one direction per word. The member's fused vector
-is the image's share of every word (its neighbours' vocabulary profile), which the re-ranker's consensus
-compares between candidates; its details are the weakest and strongest of the query's words.
+category: no linear probe or learned detector has to find one direction per word. With `boxes: 1` the
+product must be the largest box; with 2 a product shown small beside a large clutter box (a person wearing
+it, a room) is still found, at no cost on images whose product is the large box (BENCHMARKS.md). The
+member's fused vector is its best box's share of every word (its neighbours' vocabulary profile), which the
+re-ranker's consensus compares between candidates; its details are the weakest and strongest of the query's
+words there, and it names that box (`best_box`) for the re-ranker's box view.
 
 Words are the backbone tokenizer's WordPiece tokens, as in the word detector (`frequent_token_rows`): the
 `max_words - 1` most frequent tokens of the train queries; any other token counts as no word. Fitting reads the
 train store once (`fit_memory`, in the train stage instead of an optimizer); beyond `memory_rows` images it
-keeps a seeded random subset (`memory_subset`), so a checkpoint stays small on the full data (50,000 images:
-~200 MB) and only those images' boxes are read.
+keeps a seeded random subset (`memory_subset`), so a checkpoint stays small on the full data (50,000 images of
+2 boxes: ~400 MB) and only those images' boxes are read.
 """
 
 from __future__ import annotations
@@ -40,19 +44,22 @@ MEMORY_CHUNK = 8192  # memory images compared at a time (a float32 copy of 64 MB
 
 @dataclass
 class NeighbourWordsConfig:
-    k: int = 40  # nearest train images voting for their words
+    k: int = 40  # nearest train boxes voting for their words
+    boxes: int = 2  # largest boxes per image: remembered for each train image, looked up for each candidate
     max_words: int = 1024  # word rows: the most frequent train tokens (row 0: any other token)
     memory_rows: int = 50000  # train images kept (a seeded random subset beyond)
     floor: float = 0.05  # added to a word's share before its log: a word no neighbour names costs log(floor)
     backbone: str = SHIPPED  # the tokenizer whose token ids name the words
 
 
-def largest_box(img_feat: Tensor, img_box: Tensor, img_mask: Tensor) -> Tensor:
-    """(B, 2048) the ROI feature of each image's largest box by area (ties: the earlier box; a row without boxes
-    gets its first slot, zeros)."""
+def largest_boxes(img_box: Tensor, img_mask: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """(B, n) slots of each image's n largest boxes by area, largest first (ties: the earlier box), and (B, n)
+    True at a real box. A row without boxes gets its first slot (zeros) as its box, so it still has a score."""
     area = img_box[..., AREA].masked_fill(~img_mask.bool(), float("-inf"))  # (B, N)
-    best = area.argmax(dim=1)  # the first of equal maxima
-    return img_feat[torch.arange(len(best), device=best.device), best]
+    slots = area.sort(dim=1, descending=True, stable=True).indices[:, :n]  # (B, min(n, N))
+    real = img_mask.bool().gather(1, slots)
+    real[:, 0] = True
+    return slots, real
 
 
 class NeighbourWords(nn.Module):
@@ -97,10 +104,10 @@ class NeighbourWords(nn.Module):
         return np.sort(np.random.default_rng(seed).choice(n, self.cfg.memory_rows, replace=False))
 
     def fit_memory(self, features: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
-        """Remember train images (`memory_subset`): `features` (M, 2048) each one's largest-box ROI feature,
-        `input_ids` / `attention_mask` (M, T) its query's tokens."""
+        """Remember train boxes (the `boxes` largest of each image of `memory_subset`): `features` (M, 2048)
+        their ROI features, `input_ids` / `attention_mask` (M, T) their image's query tokens."""
         if len(features) == 0:
-            raise ValueError("neighbour_words: no train images to remember")
+            raise ValueError("neighbour_words: no train boxes to remember")
         x = torch.from_numpy(np.asarray(features, np.float32))  # (M, 2048)
         self.mean.copy_(x.mean(0))
         self.scale.copy_(x.std(0) + 1e-6)
@@ -119,8 +126,8 @@ class NeighbourWords(nn.Module):
         return rows, first_occurrence(rows, valid)
 
     def word_shares(self, x: Tensor) -> Tensor:
-        """(B, max_words) each image's similarity-weighted share of nearest memory images naming each word
-        (row UNKNOWN: 0), from (B, 2048) largest-box features."""
+        """(B, max_words) each box's similarity-weighted share of nearest memory boxes naming each word
+        (row UNKNOWN: 0), from (B, 2048) box features."""
         if not len(self.memory):
             raise RuntimeError("neighbour_words: fit_memory must run before scoring")
         q, k = self._unit(x.float()), min(self.cfg.k, len(self.memory))
@@ -141,15 +148,21 @@ class NeighbourWords(nn.Module):
         return shares
 
     def forward(self, batch: dict[str, Tensor]) -> RankerOutput:
-        shares = self.word_shares(largest_box(batch["img_feat"], batch["img_box"], batch["img_mask"]))  # (B, V)
+        slots, real = largest_boxes(batch["img_box"], batch["img_mask"], self.cfg.boxes)  # (B, m)
+        B, m = slots.shape
+        x = batch["img_feat"].gather(1, slots[..., None].expand(B, m, batch["img_feat"].shape[-1]))  # (B, m, 2048)
+        shares = self.word_shares(x.flatten(0, 1)).view(B, m, -1)  # (B, m, V)
         rows, valid = self._words(batch["input_ids"], batch["attention_mask"])  # (B, T)
         n = valid.sum(-1)
-        share = shares.gather(1, rows)  # (B, T) each query word's share
-        score = (share + self.cfg.floor).log().masked_fill(~valid, 0.0).sum(-1) / n.clamp(min=1)
+        share = shares.gather(2, rows[:, None, :].expand(B, m, rows.shape[1]))  # (B, m, T) each query word's share
+        per_box = (share + self.cfg.floor).log().masked_fill(~valid[:, None, :], 0.0).sum(-1) / n.clamp(min=1)[:, None]
+        score, best = per_box.masked_fill(~real, float("-inf")).max(dim=1)  # (B,) the best box's
+        at_best = torch.arange(B, device=best.device), best
+        share = share[at_best]  # (B, T)
         details = {"word_min": share.masked_fill(~valid, float("inf")).amin(-1),
                    "word_max": share.masked_fill(~valid, float("-inf")).amax(-1)}
         details = {name: torch.where(n > 0, value, torch.zeros_like(value)) for name, value in details.items()}
-        return RankerOutput(logits=score, fused=shares, details=details)
+        return RankerOutput(logits=score, fused=shares[at_best], details=details, best_box=slots[at_best])
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """A fitted memory has its own number of images: size the buffers to the checkpoint's before loading."""

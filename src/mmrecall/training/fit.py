@@ -44,6 +44,7 @@ from pathlib import Path
 
 import lightning as L
 import mlflow
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
@@ -120,13 +121,15 @@ def build_data(name: str, seed: int, params: Params) -> TrainSetup:
     model = build_model(name, cfg)  # after seed_everything: the same seed gives the same initial weights
     if hasattr(model, "fit_vocabulary"):  # word_detector: a detector for each frequent token of the train queries
         model.fit_vocabulary(data.tokens.ids, data.tokens.mask)
-    if hasattr(model, "fit_memory"):  # neighbour_words: every train image's largest box and its query's words
+    if hasattr(model, "fit_memory"):  # neighbour_words: every train image's largest boxes and its query's words
         t0 = time.perf_counter()
         keep = model.memory_subset(len(train_store), seed)
-        query = data.row_query[keep]
-        model.fit_memory(train_store.largest_box_features(keep), data.tokens.ids[query], data.tokens.mask[query])
-        log.info("%s: remembered %d train images in %.1f s", member_name(name, seed), len(model.memory),
-                 time.perf_counter() - t0)
+        boxes = train_store.largest_boxes(model.cfg.boxes, keep)  # (images, boxes), -1 past an image's boxes
+        image, _ = np.nonzero(boxes >= 0)
+        query = data.row_query[keep[image]]
+        model.fit_memory(train_store.features[boxes[boxes >= 0]], data.tokens.ids[query], data.tokens.mask[query])
+        log.info("%s: remembered %d boxes of %d train images in %.1f s", member_name(name, seed), len(model.memory),
+                 len(keep), time.perf_counter() - t0)
     module = TrainingModule(name, model, tp, seed, stores["valid"])
     datamodule = MemberDataModule(data, eval_batches["valid"], tp.eval_every)
     return TrainSetup(name, seed, tp, cfg, run_params, stores, eval_batches, module, datamodule)
