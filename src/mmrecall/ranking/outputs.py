@@ -97,18 +97,16 @@ def table_best_box(table: pd.DataFrame) -> np.ndarray | None:
     return table[BEST_BOX].to_numpy() if BEST_BOX in table.columns else None
 
 
-def read_best_box(outputs_dir: str | Path, name: str, split: str) -> np.ndarray | None:
-    """`table_best_box` of a member's score table on disk (read after `read_member`, which checks its rows)."""
-    path = table_path(outputs_dir, name, split)
-    if BEST_BOX not in pq.read_schema(path).names:
-        return None
-    return pd.read_parquet(path, columns=[BEST_BOX])[BEST_BOX].to_numpy()
+def has_best_box(outputs_dir: str | Path, name: str, split: str) -> bool:
+    """Whether a member's score table on disk names its best box (read from the parquet schema alone)."""
+    return BEST_BOX in pq.read_schema(table_path(outputs_dir, name, split)).names
 
 
-def read_member(outputs_dir: str | Path, name: str, split: str,
-                store: FeatureStore) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """(logits, fused, details) of a member on a split, checked row by row against the split's feature store
-    (fused memory-mapped; details: the table's columns after the score, by name)."""
+def read_member(outputs_dir: str | Path, name: str, split: str, store: FeatureStore
+                ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], np.ndarray | None]:
+    """(logits, fused, details, best box) of a member on a split, checked row by row against the split's feature
+    store (fused memory-mapped; details: the table's columns after the score, by name; best box: None for a
+    member that names none)."""
     path = table_path(outputs_dir, name, split)
     if not path.exists():
         raise MissingInputError(f"{path}: no score table for member {name!r} (params rerank.members; "
@@ -121,4 +119,4 @@ def read_member(outputs_dir: str | Path, name: str, split: str,
         and (table.product_id.to_numpy() == rows.product_id.to_numpy()).all()
     ):
         raise UserError(f"{path}: rows do not match the feature store of {split} (re-run the member's stage)")
-    return table.score.to_numpy(), fused, table_details(table)
+    return table.score.to_numpy(), fused, table_details(table), table_best_box(table)

@@ -122,8 +122,7 @@ class Ranker:
         for source, name, boxes in sources:  # each member, then each smoothed view of one
             scores, fused = members_mod.score(self.members[name], boxes)
             tables[source] = scores
-            logits = scores.score.to_numpy()
-            outputs[source] = member_output(logits, fused, table_details(scores),
+            outputs[source] = member_output(scores.score.to_numpy(), fused, table_details(scores),
                                             boxes.rows.query_id.to_numpy(), self.pca.get(source), self.feature_spec)
         for name in self.feature_spec.box_views:  # the member's scores, in the raw features of its image's boxes
             best = None

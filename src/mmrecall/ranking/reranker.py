@@ -151,23 +151,18 @@ def read_members(outputs_dir: Path, folders: list[str], stores: dict[str, Featur
     for name, folder in zip(spec.sources, folders, strict=True):
         member = {s: outputs.read_member(outputs_dir, folder, s, st) for s, st in stores.items()}
         if name in box_member:
-            best = {s: _best_box(outputs_dir, folder, s) if box_member[name] in spec.best_boxes else None
-                    for s in stores}
-            member = {s: (logits, box_view_features(stores[s], best[s]), None) for s, (logits, _, _) in member.items()}
+            with_best = box_member[name] in spec.best_boxes
+            for s, (logits, _, _, best) in member.items():
+                if with_best and best is None:
+                    raise UserError(f"{outputs.table_path(outputs_dir, folder, s)}: no {outputs.BEST_BOX} column, "
+                                    "which the member's valid table has (re-run `mmrecall evaluate`)")
+                member[s] = (logits, box_view_features(stores[s], best if with_best else None), None, None)
         if spec.uses_fused:
-            pca[name] = fit_pca([fused for _, fused, _ in member.values()], spec.pca_dims)
-        for s, (logits, fused, details) in member.items():
+            pca[name] = fit_pca([fused for _, fused, _, _ in member.values()], spec.pca_dims)
+        for s, (logits, fused, details, _) in member.items():
             outs[s][name] = member_output(logits, fused, details, stores[s].rows.query_id.to_numpy(), pca.get(name),
                                           spec)
     return outs, pca
-
-
-def _best_box(outputs_dir: Path, folder: str, split: str) -> np.ndarray:
-    best = outputs.read_best_box(outputs_dir, folder, split)
-    if best is None:
-        raise UserError(f"{outputs.table_path(outputs_dir, folder, split)}: no {outputs.BEST_BOX} column, which "
-                        f"the member's other splits have (re-run `mmrecall evaluate`)")
-    return best
 
 
 def feature_spec(rp: RerankParams, members: list[str], views: list[str] = (), box_views: list[str] = ()
@@ -210,7 +205,7 @@ def fit_variant(params: Params, stores: dict[str, FeatureStore], counts: pd.Seri
     boxes = box_views(params, names)
     spec = feature_spec(rp, names, views, boxes)
     member_folder = {m: outputs.smoothed(m) if smoothing else m for m in names}
-    spec.best_boxes = [m for m in boxes if outputs.read_best_box(outputs_dir, member_folder[m], "valid") is not None]
+    spec.best_boxes = [m for m in boxes if outputs.has_best_box(outputs_dir, member_folder[m], "valid")]
     folders = [member_folder[m] for m in names] + [outputs.smoothed(m) for m in views] + [member_folder[m] for m in boxes]
     outs, pca = read_members(outputs_dir, folders, stores, spec)
     valid = stores["valid"]
