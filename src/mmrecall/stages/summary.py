@@ -138,7 +138,8 @@ def run(params: Params) -> dict:
     write_metrics(params.data.metrics, "stage2", summary)
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text("# Ranker: members, ensemble, re-ranker, smoothing, post-processing\n\n"
-                      "NDCG@5; valid of the re-ranker rows is out-of-fold (honest); testA answers are synthetic.\n\n"
+                      "NDCG@5; valid of the re-ranker rows is out-of-fold (honest). A split is scored only where its answers "
+                      "file exists (the organisers ship valid's; `mmrecall synth` also writes testA's).\n\n"
                       + markdown(summary, params))
     log.info("%d rows -> %s, %s; plots in %s/", len(summary), REPORT, Path(params.data.metrics) / "stage2.json", PLOTS)
     return summary
