@@ -299,6 +299,14 @@ def box_view_features(store: FeatureStore, best_box: np.ndarray | None = None) -
     return np.concatenate([_unit(largest), _unit(store.box_features(best_box))], axis=1).astype(np.float16)
 
 
+
+def fitted_box_view(store: FeatureStore, best_box: np.ndarray | None, with_best: bool, where: str) -> np.ndarray:
+    """`box_view_features` as the re-ranker was fitted: with the member's best box when `with_best` (a member in
+    `FeatureSpec.best_boxes`; an error naming `where` if this table names none), else the largest box alone."""
+    if with_best and best_box is None:
+        raise UserError(f"{where}: no best box, which the re-ranker was fitted with (re-run `mmrecall evaluate`)")
+    return box_view_features(store, best_box if with_best else None)
+
 def member_output(logits: np.ndarray, fused: np.ndarray, details: dict | None, groups: np.ndarray,
                   pca: tuple[np.ndarray, np.ndarray] | None, spec: FeatureSpec) -> MemberOutput:
     """One member's MemberOutput on one split (the stage and the served ranker both build it here).

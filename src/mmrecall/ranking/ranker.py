@@ -34,7 +34,7 @@ from ..data.tsv import COLUMNS, parse_chunk
 from ..errors import MissingInputError, UserError
 from . import members as members_mod
 from . import reranker
-from .features import box_view_features, build_features, member_output
+from .features import build_features, fitted_box_view, member_output
 from .outputs import box_view, table_best_box, table_details, view
 from .smoothing import smoothed_store
 
@@ -125,14 +125,11 @@ class Ranker:
             outputs[source] = member_output(scores.score.to_numpy(), fused, table_details(scores),
                                             boxes.rows.query_id.to_numpy(), self.pca.get(source), self.feature_spec)
         for name in self.feature_spec.box_views:  # the member's scores, in the raw features of its image's boxes
-            best = None
-            if name in self.feature_spec.best_boxes:
-                best = table_best_box(tables[name])
-                if best is None:
-                    raise UserError(f"member {name!r} names no best box, which its re-ranker was fitted with")
-            outputs[box_view(name)] = member_output(tables[name].score.to_numpy(), box_view_features(store, best),
-                                                    None, store.rows.query_id.to_numpy(),
-                                                    self.pca.get(box_view(name)), self.feature_spec)
+            fused = fitted_box_view(store, table_best_box(tables[name]), name in self.feature_spec.best_boxes,
+                                    f"member {name!r}")
+            outputs[box_view(name)] = member_output(tables[name].score.to_numpy(), fused, None,
+                                                    store.rows.query_id.to_numpy(), self.pca.get(box_view(name)),
+                                                    self.feature_spec)
         in_table = store.rows.product_id.value_counts()
         counts = pd.concat([self.counts.reindex(in_table.index).fillna(0), in_table], axis=1).max(axis=1)
         X, ensemble = build_features(store, outputs, self.feature_spec, counts)

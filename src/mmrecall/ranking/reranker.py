@@ -33,7 +33,7 @@ from ..data.store import FeatureStore
 from ..errors import MissingInputError, UserError
 from . import outputs
 from .ensemble import learn_weights, learn_weights_oof
-from .features import FeatureSpec, box_view_features, build_features, fit_pca, member_output
+from .features import FeatureSpec, build_features, fit_pca, fitted_box_view, member_output
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +152,9 @@ def read_members(outputs_dir: Path, folders: list[str], stores: dict[str, Featur
         member = {s: outputs.read_member(outputs_dir, folder, s, st) for s, st in stores.items()}
         if name in box_member:
             with_best = box_member[name] in spec.best_boxes
-            for s, (logits, _, _, best) in member.items():
-                if with_best and best is None:
-                    raise UserError(f"{outputs.table_path(outputs_dir, folder, s)}: no {outputs.BEST_BOX} column, "
-                                    "which the member's valid table has (re-run `mmrecall evaluate`)")
-                member[s] = (logits, box_view_features(stores[s], best if with_best else None), None, None)
+            where = {s: str(outputs.table_path(outputs_dir, folder, s)) for s in member}
+            member = {s: (logits, fitted_box_view(stores[s], best, with_best, where[s]), None, None)
+                      for s, (logits, _, _, best) in member.items()}
         if spec.uses_fused:
             pca[name] = fit_pca([fused for _, fused, _, _ in member.values()], spec.pca_dims)
         for s, (logits, fused, details, _) in member.items():
