@@ -19,7 +19,7 @@ from mmrecall.ranking import members
 
 from .test_models import QUERIES, make_batch
 
-TINY = WordDetectorConfig(hidden=16, layers=2, dropout=0.0, max_words=64, bag=1)
+TINY = WordDetectorConfig(hidden=16, layers=2, dropout=0.0, max_words=64, bag=1, pseudo_threshold=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +245,40 @@ def test_open_negatives_count_less(tokenizer):
     assert model.in_batch_loss(batch).item() < full.in_batch_loss(batch).item()
     with pytest.raises(RuntimeError, match="fit_vocabulary"):
         WordDetector(model.cfg, tokenizer.vocab_size).in_batch_loss(batch)
+
+
+def test_pseudo_positives_come_from_the_other_detectors(tokenizer):
+    """With pseudo_threshold, an open word ("cotton" for "red dress") that the bag's other detector sees with more
+    probability than the threshold becomes a soft positive at that probability; own and excluded words keep their
+    targets, and each detector is taught by the other, not by itself."""
+    texts = [" ".join(f"{c} {m} {k}".split())
+             for c in ("red", "blue", "") for m in ("cotton", "") for k in ("dress", "sofa")]
+    batch = {**tokenizer(["red dress", "cotton sofa"], padding=True, return_tensors="pt"),
+             **{k: v[:2] for k, v in make_batch(tokenizer).items() if k.startswith("img_")}}
+    model = detector(tokenizer, texts, bag=2, pseudo_threshold=0.5).train()
+    rows, valid = model.words(batch)
+    vocab, inverse = torch.unique(rows[valid], return_inverse=True)
+    target = torch.zeros(2, len(vocab))
+    target[valid.nonzero()[:, 0], inverse] = 1.0
+    weight = model.target_weights(rows, valid, vocab, target)
+    col = {w: int((vocab == model.word_row[tokenizer.convert_tokens_to_ids(w)]).nonzero()) for w in
+           ("red", "dress", "cotton", "sofa")}
+    sure, unsure = torch.full((2, len(vocab)), 4.0), torch.full((2, len(vocab)), -4.0)  # logits: p 0.98 / 0.02
+    first, second = model.pseudo_targets([unsure, sure], target, weight)
+    p = torch.sigmoid(torch.tensor(4.0))
+    assert first[0, col["cotton"]] == first[1, col["red"]] == pytest.approx(p)  # open: the other detector's belief
+    assert first[0, col["sofa"]] == 0 and first[1, col["dress"]] == 0  # excluded words stay negatives
+    assert first[0, col["red"]] == first[1, col["cotton"]] == 1  # own words stay positives
+    assert torch.equal(second, target)  # the other detector is unsure: nothing changes for the sure one
+    off = detector(tokenizer, texts, bag=2)
+    assert all(torch.equal(t, target) for t in off.pseudo_targets([unsure, sure], target, weight))
+    loss = model.in_batch_loss(batch)
+    assert torch.isfinite(loss) and loss.requires_grad
+    full = detector(tokenizer, texts, bag=2, pseudo_threshold=0.5, open_negative_weight=1.0)  # no open words
+    assert full.target_weights(rows, valid, vocab, target) is None
+    assert all(torch.equal(t, target) for t in full.pseudo_targets([unsure, sure], target, None))
+    with pytest.raises(ValueError, match="pseudo_threshold"):
+        detector(tokenizer, texts, pseudo_threshold=1.5)
 
 
 @pytest.mark.slow

@@ -63,11 +63,13 @@ class WordDetectorConfig:
     bag: int = 2  # independent detectors (own box MLP and detector table) averaged into the member's score
     box_input: bool = True  # the box MLP also reads each box's geometry and detector class, not only its feature
     open_negative_weight: float = 0.2  # loss weight of a batch word that the image's query neither names nor excludes
+    pseudo_threshold: float = 0.5  # an open word the bag's other detectors see with more than this probability is
+    # trained towards that probability, not 0 (a pseudo positive); 0 = off; no open words at open_negative_weight 1
     feature_norm: bool = True  # LayerNorm on the 2048-d ROI features (see image_input.feature_norm)
     backbone: str = SHIPPED  # the tokenizer whose token ids name the words
 
     # what a checkpoint saved before the field was trained with
-    LATER_FIELDS: ClassVar[dict] = {"bag": 1, "box_input": False, "open_negative_weight": 1.0}
+    LATER_FIELDS: ClassVar[dict] = {"bag": 1, "box_input": False, "open_negative_weight": 1.0, "pseudo_threshold": 0.0}
 
 
 def query_words(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -182,14 +184,13 @@ class Detector(nn.Module):
         nn.init.uniform_(self.detectors.weight, -bound, bound)
         nn.init.zeros_(self.bias.weight)
 
-    def loss(self, batch: dict[str, Tensor], vocab: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
-        """BCE of each image's (B, U) word logits (its boxes' log-mean-exp) against the (B, U) targets."""
+    def image_logits(self, batch: dict[str, Tensor], vocab: Tensor) -> Tensor:
+        """(B, U) each image's logit of each word of `vocab`: the log-mean-exp over its boxes."""
         h = self.boxes(batch)  # (B, N, H)
         logits = h @ self.detectors(vocab).T + self.bias(vocab).T  # (B, N, U)
         mask = batch["img_mask"].bool()
         logits = logits.masked_fill(~mask[..., None], float("-inf"))
-        image = torch.logsumexp(logits, dim=1) - torch.log(mask.sum(1, keepdim=True).clamp(min=1))  # (B, U) log-mean-exp
-        return F.binary_cross_entropy_with_logits(image, target, weight=weight)
+        return torch.logsumexp(logits, dim=1) - torch.log(mask.sum(1, keepdim=True).clamp(min=1))
 
     def forward(self, batch: dict[str, Tensor], rows: Tensor, valid: Tensor) -> tuple[RankerOutput, Tensor]:
         """This detector's output and its (B, N) per-box scores (masked boxes: the mask value)."""
@@ -213,6 +214,8 @@ class WordDetector(nn.Module):
             raise ValueError(f"word_detector max_words must be at least 2, got {cfg.max_words}")
         if cfg.bag < 1:
             raise ValueError(f"word_detector bag must be at least 1, got {cfg.bag}")
+        if not 0 <= cfg.pseudo_threshold < 1:
+            raise ValueError(f"word_detector pseudo_threshold must be in [0, 1), got {cfg.pseudo_threshold}")
         self.cfg = cfg
         self.nets = nn.ModuleList(Detector(cfg) for _ in range(cfg.bag))
         # token id -> detector row; all UNKNOWN until fit_vocabulary (saved with the weights)
@@ -260,7 +263,26 @@ class WordDetector(nn.Module):
         target = torch.zeros(len(rows), len(vocab), device=rows.device)  # (B, U)
         target[valid.nonzero()[:, 0], inverse] = 1.0
         weight = self.target_weights(rows, valid, vocab, target)
-        return torch.stack([net.loss(batch, vocab, target, weight) for net in self.nets]).mean()
+        logits = [net.image_logits(batch, vocab) for net in self.nets]  # bag x (B, U)
+        targets = self.pseudo_targets(logits, target, weight)
+        return torch.stack([F.binary_cross_entropy_with_logits(lg, t, weight=weight)
+                            for lg, t in zip(logits, targets)]).mean()
+
+    def pseudo_targets(self, logits: list[Tensor], target: Tensor, weight: Tensor | None) -> list[Tensor]:
+        """Each detector's (B, U) targets: `target`, except that an open word (weight < 1: the query neither
+        names nor excludes it) which the bag's OTHER detectors give more than `pseudo_threshold` probability
+        (their mean, no gradient; a bag of one: its own) is a soft positive at that probability. A query names
+        a few of its product's attributes; this lets the unnamed ones teach too, each detector taught by the
+        others so that it does not only confirm itself. Off (`target` for all) at threshold 0."""
+        if not self.cfg.pseudo_threshold or weight is None:
+            return [target] * len(logits)
+        probs = torch.stack([torch.sigmoid(lg.detach()) for lg in logits])  # (bag, B, U)
+        open_word = (target == 0) & (weight < 1)
+        out = []
+        for i in range(len(logits)):
+            others = (probs.sum(0) - probs[i]) / (len(logits) - 1) if len(logits) > 1 else probs[i]  # (B, U)
+            out.append(torch.where(open_word & (others > self.cfg.pseudo_threshold), others, target))
+        return out
 
     def target_weights(self, rows: Tensor, valid: Tensor, vocab: Tensor, target: Tensor) -> Tensor | None:
         """(B, U) loss weights: 1 for an image's own words and for the words its query excludes ("blue" for
