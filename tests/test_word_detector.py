@@ -222,14 +222,16 @@ def test_exclusive_rows_are_words_of_one_slot():
     assert torch.equal(exclusive_rows(rows, 8, chunk=5), exclusive)
 
 
-def test_open_negatives_count_less(tokenizer):
-    """An image of "red dress" is a sure negative of "sofa" (excluded by "dress") but an open one of "cotton"
-    (its query says nothing of the material): the loss weighs that target open_negative_weight."""
-    texts = [" ".join(f"{c} {m} {k}".split())
-             for c in ("red", "blue", "") for m in ("cotton", "") for k in ("dress", "sofa")]
+# colour x material x kind: "red" and "blue" exclude each other, "cotton" is open for "red dress"
+OPEN_TEXTS = [" ".join(f"{c} {m} {k}".split())
+              for c in ("red", "blue", "") for m in ("cotton", "") for k in ("dress", "sofa")]
+
+
+def open_word_batch(tokenizer, model):
+    """A batch of "red dress" and "cotton sofa" images; its (B, T) rows and valid, the (U,) batch words, the (B, U)
+    targets and loss weights, and the column of each word."""
     batch = {**tokenizer(["red dress", "cotton sofa"], padding=True, return_tensors="pt"),
              **{k: v[:2] for k, v in make_batch(tokenizer).items() if k.startswith("img_")}}
-    model = detector(tokenizer, texts, open_negative_weight=0.2).train()
     rows, valid = model.words(batch)
     vocab, inverse = torch.unique(rows[valid], return_inverse=True)
     target = torch.zeros(2, len(vocab))
@@ -237,10 +239,18 @@ def test_open_negatives_count_less(tokenizer):
     weight = model.target_weights(rows, valid, vocab, target)
     col = {w: int((vocab == model.word_row[tokenizer.convert_tokens_to_ids(w)]).nonzero()) for w in
            ("red", "dress", "cotton", "sofa")}
+    return batch, rows, valid, vocab, target, weight, col
+
+
+def test_open_negatives_count_less(tokenizer):
+    """An image of "red dress" is a sure negative of "sofa" (excluded by "dress") but an open one of "cotton"
+    (its query says nothing of the material): the loss weighs that target open_negative_weight."""
+    model = detector(tokenizer, OPEN_TEXTS, open_negative_weight=0.2).train()
+    batch, rows, valid, vocab, target, weight, col = open_word_batch(tokenizer, model)
     assert weight[0, col["red"]] == weight[0, col["dress"]] == weight[0, col["sofa"]] == 1.0
     assert weight[1, col["cotton"]] == weight[1, col["sofa"]] == weight[1, col["dress"]] == 1.0
     assert weight[0, col["cotton"]] == weight[1, col["red"]] == pytest.approx(0.2)
-    full = detector(tokenizer, texts, open_negative_weight=1.0).train()  # the same initial weights
+    full = detector(tokenizer, OPEN_TEXTS, open_negative_weight=1.0).train()  # the same initial weights
     assert full.target_weights(rows, valid, vocab, target) is None
     assert model.in_batch_loss(batch).item() < full.in_batch_loss(batch).item()
     with pytest.raises(RuntimeError, match="fit_vocabulary"):
@@ -251,18 +261,8 @@ def test_pseudo_positives_come_from_the_other_detectors(tokenizer):
     """With pseudo_threshold, an open word ("cotton" for "red dress") that the bag's other detector sees with more
     probability than the threshold becomes a soft positive at that probability; own and excluded words keep their
     targets, and each detector is taught by the other, not by itself."""
-    texts = [" ".join(f"{c} {m} {k}".split())
-             for c in ("red", "blue", "") for m in ("cotton", "") for k in ("dress", "sofa")]
-    batch = {**tokenizer(["red dress", "cotton sofa"], padding=True, return_tensors="pt"),
-             **{k: v[:2] for k, v in make_batch(tokenizer).items() if k.startswith("img_")}}
-    model = detector(tokenizer, texts, bag=2, pseudo_threshold=0.5).train()
-    rows, valid = model.words(batch)
-    vocab, inverse = torch.unique(rows[valid], return_inverse=True)
-    target = torch.zeros(2, len(vocab))
-    target[valid.nonzero()[:, 0], inverse] = 1.0
-    weight = model.target_weights(rows, valid, vocab, target)
-    col = {w: int((vocab == model.word_row[tokenizer.convert_tokens_to_ids(w)]).nonzero()) for w in
-           ("red", "dress", "cotton", "sofa")}
+    model = detector(tokenizer, OPEN_TEXTS, bag=2, pseudo_threshold=0.5).train()
+    batch, rows, valid, vocab, target, weight, col = open_word_batch(tokenizer, model)
     sure, unsure = torch.full((2, len(vocab)), 4.0), torch.full((2, len(vocab)), -4.0)  # logits: p 0.98 / 0.02
     first, second = model.pseudo_targets([unsure, sure], target, weight)
     p = torch.sigmoid(torch.tensor(4.0))
@@ -270,15 +270,15 @@ def test_pseudo_positives_come_from_the_other_detectors(tokenizer):
     assert first[0, col["sofa"]] == 0 and first[1, col["dress"]] == 0  # excluded words stay negatives
     assert first[0, col["red"]] == first[1, col["cotton"]] == 1  # own words stay positives
     assert torch.equal(second, target)  # the other detector is unsure: nothing changes for the sure one
-    off = detector(tokenizer, texts, bag=2)
+    off = detector(tokenizer, OPEN_TEXTS, bag=2)
     assert all(torch.equal(t, target) for t in off.pseudo_targets([unsure, sure], target, weight))
     loss = model.in_batch_loss(batch)
     assert torch.isfinite(loss) and loss.requires_grad
-    full = detector(tokenizer, texts, bag=2, pseudo_threshold=0.5, open_negative_weight=1.0)  # no open words
+    full = detector(tokenizer, OPEN_TEXTS, bag=2, pseudo_threshold=0.5, open_negative_weight=1.0)  # no open words
     assert full.target_weights(rows, valid, vocab, target) is None
     assert all(torch.equal(t, target) for t in full.pseudo_targets([unsure, sure], target, None))
     with pytest.raises(ValueError, match="pseudo_threshold"):
-        detector(tokenizer, texts, pseudo_threshold=1.5)
+        detector(tokenizer, OPEN_TEXTS, pseudo_threshold=1.5)
 
 
 @pytest.mark.slow
