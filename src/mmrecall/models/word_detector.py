@@ -279,10 +279,10 @@ class WordDetector(nn.Module):
         if not self.cfg.pseudo_threshold or weight is None:
             return [target] * len(logits)
         probs = torch.stack([torch.sigmoid(lg.detach()) for lg in logits])  # (bag, B, U)
-        open_word = (target == 0) & (weight < 1)
+        total, open_word = probs.sum(0), weight < 1  # own and excluded words weigh 1
         out = []
-        for i in range(len(logits)):
-            others = (probs.sum(0) - probs[i]) / (len(logits) - 1) if len(logits) > 1 else probs[i]  # (B, U)
+        for p in probs:
+            others = (total - p) / (len(probs) - 1) if len(probs) > 1 else p  # (B, U)
             out.append(torch.where(open_word & (others > self.cfg.pseudo_threshold), others, target))
         return out
 
