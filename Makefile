@@ -37,11 +37,15 @@ tune: $(STAMP)
 	dvc repro tune/dvc.yaml
 
 ## make test: the whole suite, the end-to-end dvc repro included (make test-fast skips `slow`).
+## TEST_WORKERS pytest-xdist processes share the tests (each idle worker takes the next test); 1 runs them in one process.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist worksteal)
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_prepare.py

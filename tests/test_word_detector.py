@@ -71,20 +71,24 @@ def test_shapes_and_padding_invariance(tokenizer):
         assert not torch.allclose(model(padded).logits, ref.logits, atol=1e-4)
 
 
+def word_log_probs(model: WordDetector, batch: dict, tokenizer):
+    """Per query of QUERIES: (row, its text, (real boxes, known words) log-probabilities from the weights)."""
+    net = model.nets[0]
+    h = net.boxes(batch)
+    for b, text in enumerate(QUERIES):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        rows = sorted({int(model.word_row[i]) for i in ids} - {UNKNOWN})
+        n = int(batch["img_mask"][b].sum())
+        yield b, text, F.logsigmoid(h[b, :n] @ net.detectors.weight[rows].T + net.bias.weight[rows].T)  # (n, words)
+
+
 def test_score_is_the_best_box_mean_word_log_probability(tokenizer):
     model = detector(tokenizer)
     batch = make_batch(tokenizer)
     with torch.no_grad():
         out = model(batch)
-        net = model.nets[0]
-        h = net.boxes(batch)
-        for b, text in enumerate(QUERIES):
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            rows = sorted({int(model.word_row[i]) for i in ids} - {UNKNOWN})
-            n = int(batch["img_mask"][b].sum())
-            logits = h[b, :n] @ net.detectors.weight[rows].T + net.bias.weight[rows].T  # (n, words)
-            expected = F.logsigmoid(logits).mean(-1).max()
-            assert out.logits[b].item() == pytest.approx(expected.item(), abs=1e-5)
+        for b, _, log_p in word_log_probs(model, batch, tokenizer):
+            assert out.logits[b].item() == pytest.approx(log_p.mean(-1).max().item(), abs=1e-5)
 
 
 def test_details_name_the_weak_and_strong_words(tokenizer):
@@ -93,16 +97,11 @@ def test_details_name_the_weak_and_strong_words(tokenizer):
     batch = make_batch(tokenizer)
     with torch.no_grad():
         details = model(batch).details
-        net = model.nets[0]
-        h = net.boxes(batch)
-        for b, text in enumerate(QUERIES):
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            rows = sorted({int(model.word_row[i]) for i in ids} - {UNKNOWN})
-            n = int(batch["img_mask"][b].sum())
-            log_p = F.logsigmoid(h[b, :n] @ net.detectors.weight[rows].T + net.bias.weight[rows].T)  # (n, words)
+        for b, text, log_p in word_log_probs(model, batch, tokenizer):
             at_best = log_p[log_p.mean(-1).argmax()].sort().values
             own = log_p.max(0).values
-            expected = {"word_min": at_best[0], "word_second": at_best[min(1, len(rows) - 1)], "word_max": at_best[-1],
+            second = at_best[min(1, len(at_best) - 1)]
+            expected = {"word_min": at_best[0], "word_second": second, "word_max": at_best[-1],
                         "word_min_own_box": own.min(), "word_mean_own_box": own.mean()}
             for name, value in expected.items():
                 assert details[name][b].item() == pytest.approx(value.item(), abs=1e-5), (name, text)
