@@ -34,8 +34,8 @@ def variants(text: str) -> list[dict]:
 
 def main(folders: list[str]) -> None:
     settings = variants(os.environ.get("VARIANTS", "repeats=1;repeats=3"))
-    for folder in folders:
-        os.chdir(Path(folder).resolve())
+    for folder in [Path(f).resolve() for f in folders]:  # before the first chdir: the arguments may be relative
+        os.chdir(folder)
         params = load_params("params.yaml")
         stores = eval_stores(params)
         counts = candidate_counts(stores)
