@@ -135,7 +135,7 @@ def run_prepare(tsv: Path, out: Path, workers: int, chunk_bytes: int) -> int:
     params = PrepareParams(workers=workers)
     if chunk_bytes:
         params.chunk_bytes = chunk_bytes
-    summary = ingest_tsv(tsv, out, params, progress=False)
+    summary = ingest_tsv(tsv, out, params, train=True, progress=False)  # the train path: the 124 GB file
     return int(summary["rows_kept"])
 
 

@@ -92,3 +92,24 @@ def test_spans_and_workers_do_not_change_the_store(tmp_path):
         np.testing.assert_array_equal(got.boxes, ref.boxes)
         np.testing.assert_array_equal(got.labels, ref.labels)
         assert rejects == ref_rejects
+
+
+def test_a_repeated_candidate_is_a_reject_outside_train(tmp_path):
+    """(query 5, product 2) twice: an evaluation split keeps its first row only; train keeps both."""
+    rng = np.random.default_rng(4)
+    lines = [HEADER, row(1, rng=rng), row(2, n=3, rng=rng), row(3, rng=rng), row(2, n=1, rng=rng), row(4, rng=rng)]
+    path = tmp_path / "valid.tsv"
+    path.write_text("\n".join(lines) + "\n")
+    for workers, chunk_bytes in ((1, 1 << 20), (2, 20_000)):  # the first row and its repeat in one chunk or in two
+        out = tmp_path / f"valid{workers}"
+        params = PrepareParams(workers=workers, chunk_bytes=chunk_bytes)
+        summary = ingest_tsv(path, out, params, progress=False)
+        store = FeatureStore.open(out)
+        assert store.rows.product_id.tolist() == [1, 2, 3, 4] and store.rows.line.tolist() == [2, 3, 4, 6]
+        assert store.rows.n_kept.tolist() == [2, 3, 2, 2] and len(store.features) == 9  # the repeat's box is gone
+        assert summary["rejected_by_reason"] == {"repeated_candidate": 1}
+        rejects = pd.read_csv(out / "rejects.tsv", sep="\t")
+        assert rejects.line.tolist() == [5] and "first on line 3" in rejects.detail[0]
+        np.testing.assert_array_equal(store.image(3)[0], FeatureStore.open(tmp_path / "valid1").image(3)[0])
+    train = ingest_tsv(path, tmp_path / "train", PrepareParams(workers=1), train=True, progress=False)
+    assert train["rows_kept"] == 5 and train["rows_rejected"] == 0

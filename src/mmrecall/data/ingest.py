@@ -71,6 +71,26 @@ def in_memory_store(chunk: Chunk) -> FeatureStore:
     return FeatureStore.in_memory(rows, chunk.features, chunk.boxes, chunk.labels)
 
 
+def reject_repeated_candidates(chunk: Chunk, seen: dict[tuple[int, int], int], first_line: int) -> Chunk:
+    """An evaluation split ranks each (query, product) pair once: a pair's later rows become rejects.
+
+    `seen` maps each pair already kept to its file line (updated here); `first_line` is the file line of the
+    chunk's line 0. The official files hold no repeated pair; a repeat would show one product twice in a top 5.
+    """
+    keep = np.ones(len(chunk), dtype=bool)
+    for i, pair in enumerate(zip(chunk.query_id, chunk.product_id)):
+        if pair in seen:
+            keep[i] = False
+            chunk.rejects.append((chunk.line[i], "repeated_candidate",
+                                  f"query_id {pair[0]} product_id {pair[1]} first on line {seen[pair]}"))
+        else:
+            seen[pair] = first_line + chunk.line[i]
+    if keep.all():
+        return chunk
+    chunk.rejects.sort()
+    return chunk.select(keep)
+
+
 def ingest_tsv(
     tsv: Path,
     out_dir: Path,
@@ -79,7 +99,11 @@ def ingest_tsv(
     train: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Write the feature store of one TSV into out_dir (replaced whole); return its summary."""
+    """Write the feature store of one TSV into out_dir (replaced whole); return its summary.
+
+    Every bad row is a reject (features/<split>/rejects.tsv), and so is, outside train, a repeat of a
+    (query_id, product_id) pair already read.
+    """
     tsv, out_dir = Path(tsv), Path(out_dir)
     total_bytes = tsv.stat().st_size if tsv.exists() else 0
     data_start = check_header(tsv)  # before anything is written
@@ -91,6 +115,7 @@ def ingest_tsv(
     started = time.perf_counter()
     reasons: Counter[str] = Counter()
     rows_read = rows_kept = filtered = offset = 0
+    seen: dict[tuple[int, int], int] = {}  # evaluation splits: (query_id, product_id) -> file line
     first_line = 2  # file line of the next chunk's first line (line 1 is the header)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"prepare {tsv.name}", disable=not show_bars(progress))
     with (
@@ -105,6 +130,8 @@ def ingest_tsv(
         def write(chunk: Chunk) -> None:
             """Append a chunk parsed with line numbers counted from 0 at its start."""
             nonlocal rows_read, rows_kept, filtered, offset, first_line
+            if not train:
+                chunk = reject_repeated_candidates(chunk, seen, first_line)
             n = len(chunk)
             counts = np.asarray(chunk.n_kept, dtype=np.int64)
             offsets = offset + np.concatenate([[0], np.cumsum(counts)[:-1]]) if n else np.zeros(0, np.int64)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +132,21 @@ class Chunk:
 
     def __len__(self) -> int:
         return len(self.product_id)
+
+    def select(self, keep: np.ndarray) -> Chunk:
+        """The chunk with only the rows where `keep` is true; rejects and counters stay as they are."""
+        rows = np.flatnonzero(keep)
+        box_keep = np.repeat(keep, self.n_kept)  # (sum n_kept,): each row's mask over its boxes
+
+        def pick(values: list) -> list:
+            return [values[i] for i in rows]
+
+        return replace(
+            self, product_id=pick(self.product_id), image_h=pick(self.image_h), image_w=pick(self.image_w),
+            num_boxes=pick(self.num_boxes), n_kept=pick(self.n_kept), query=pick(self.query),
+            query_id=pick(self.query_id), line=pick(self.line), features=self.features[box_keep],
+            boxes=self.boxes[box_keep], labels=self.labels[box_keep],
+        )
 
 
 TAB = b"\t"
