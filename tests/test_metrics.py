@@ -84,3 +84,10 @@ def test_cli_scores_a_parquet_score_table(tmp_path, real, capsys):
     valid.to_parquet(path, index=False)
     assert evaluate.main(["--submission", str(path), "--answers", str(FIXTURES / "valid_answer.json")]) == 0
     assert "ndcg_at_5\t0.70981" in capsys.readouterr().out
+
+
+def test_a_score_table_scoring_a_pair_twice_is_refused(tmp_path):
+    path = tmp_path / "scores.tsv"
+    path.write_text("7\t100\t0.9\n7\t101\t0.5\n8\t100\t0.4\n7\t101\t0.3\n")  # would count 101 twice in query 7's top 5
+    with pytest.raises(metrics.SubmissionError, match="query 7 scores product 101 twice"):
+        metrics.read_score_table(path)

@@ -88,6 +88,11 @@ def read_score_table(path: str | Path) -> pd.DataFrame:
     if df.score.isna().any():
         line = int(df.index[df.score.isna()][0]) + 2
         raise SubmissionError(f"{path}: empty or non-numeric score near line {line}")
+    repeated = df.duplicated(["query_id", "product_id"])
+    if repeated.any():
+        first = df[repeated].iloc[0]
+        raise SubmissionError(f"{path}: query {int(first.query_id)} scores product {int(first.product_id)} twice "
+                              f"(near line {int(df.index[repeated][0]) + 2})")
     return df.astype({"query_id": np.int64, "product_id": np.int64, "score": np.float64})
 
 
