@@ -7,11 +7,13 @@ import csv
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from mmrecall.config import PrepareParams
 from mmrecall.data.ingest import ingest_tsv
 from mmrecall.data.store import FeatureStore
 from mmrecall.data.tsv import HEADER
+from mmrecall.ranking.ranker import CandidateTableError, candidate_store, prepared_candidates, read_candidates
 from mmrecall.stages import prepare
 
 from .test_tsv import DEFECTS, row
@@ -113,3 +115,25 @@ def test_a_repeated_candidate_is_a_reject_outside_train(tmp_path):
         np.testing.assert_array_equal(store.image(3)[0], FeatureStore.open(tmp_path / "valid1").image(3)[0])
     train = ingest_tsv(path, tmp_path / "train", PrepareParams(workers=1), train=True, progress=False)
     assert train["rows_kept"] == 5 and train["rows_rejected"] == 0
+
+
+def test_predict_reads_the_rows_prepare_kept(tmp_path):
+    """A bad row, a repeated candidate and a blank line in testA: the candidate table is the store's rows."""
+    rng = np.random.default_rng(5)
+    lines = [HEADER, row(1, rng=rng), DEFECTS["bad_base64"](), "", row(2, n=3, rng=rng) + "\r", row(2, rng=rng),
+             DEFECTS["column_count"](), row(3, rng=rng)]
+    path = tmp_path / "testA.tsv"
+    path.write_text("\n".join(lines) + "\n")
+    summary = ingest_tsv(path, tmp_path / "testA", PrepareParams(workers=1), progress=False)
+    store = FeatureStore.open(tmp_path / "testA")
+    assert summary["rows_rejected"] == 3 and store.rows.line.tolist() == [2, 5, 8]
+    with pytest.raises(CandidateTableError):
+        candidate_store(read_candidates(path))  # the whole file: the ranker refuses its bad rows
+    table = prepared_candidates(path, store, "testA")
+    assert table.product_id.tolist() == [1, 2, 3] and table.num_boxes.tolist() == [2, 3, 2]
+    decoded = candidate_store(table)  # what the registered model decodes: the store's rows, box for box
+    np.testing.assert_array_equal(decoded.features, store.features)
+    other = tmp_path / "other.tsv"
+    other.write_text("\n".join([HEADER, row(1, rng=rng), row(9, rng=rng), row(3, rng=rng)]) + "\n")
+    with pytest.raises(CandidateTableError, match="dvc repro prepare@testA"):
+        prepared_candidates(other, store, "testA")  # features/testA from another file

@@ -20,6 +20,7 @@ This module is what the registered MLflow model (ranker_model.py) runs.
 from __future__ import annotations
 
 import csv
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -52,16 +53,33 @@ class CandidateTableError(UserError, ValueError):
     """A candidate table the ranker cannot score (the message names the row and column)."""
 
 
-def read_candidates(path: str | Path, nrows: int | None = None) -> pd.DataFrame:
-    """An official TSV (header row, quoting off) as a candidate table; ids as int64, the rest as text."""
+def read_candidates(path: str | Path, nrows: int | None = None, lines: Collection[int] | None = None) -> pd.DataFrame:
+    """An official TSV (header row, quoting off) as a candidate table; ids as int64, the rest as text.
+
+    `lines`: read only these file lines (1-based, the header is line 1; blank lines count), as a store's
+    `rows.line` names the rows `prepare` kept.
+    """
     path = Path(path)
     if not path.exists():
         raise MissingInputError(f"{path}: file not found")
     dtypes = {c: (np.int64 if c in INT_COLUMNS else str) for c in COLUMNS}
+    keep = None if lines is None else frozenset(int(n) for n in lines)
+    skip = None if keep is None else (lambda i: i > 0 and i + 1 not in keep)  # i: 0-based file line
     try:
-        return pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, dtype=dtypes, nrows=nrows, keep_default_na=False)
+        return pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, dtype=dtypes, nrows=nrows, keep_default_na=False,
+                           skiprows=skip)
     except ValueError as e:
         raise CandidateTableError(f"{path}: not a candidate table in the official columns ({e})") from e
+
+
+def prepared_candidates(path: str | Path, store: FeatureStore, split: str) -> pd.DataFrame:
+    """The rows of an official TSV that `prepare` kept in `store`, in file order: its rejects (bad rows, repeated
+    candidates) are left out, so one bad row costs that row, not the submission."""
+    table = read_candidates(path, lines=store.rows.line.tolist())
+    if len(table) != len(store) or (table.product_id.to_numpy() != store.rows.product_id.to_numpy()).any():
+        raise CandidateTableError(f"{path}: its rows are not the ones features/{split} holds ({len(table)} against "
+                                  f"{len(store)}); prepare it again: dvc repro prepare@{split}")
+    return table
 
 
 def _text(value) -> str:

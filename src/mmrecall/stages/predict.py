@@ -1,6 +1,7 @@
 """`mmrecall predict`: submission.csv for testA (and testB when present) through the registered model.
 
-The candidate file data/<split>/<split>.tsv is read as a candidate table and scored by the model at
+The candidate file data/<split>/<split>.tsv is read as a candidate table (the rows `prepare` kept in
+features/<split>: a row it rejected is left out and logged, not fatal) and scored by the model at
 params `predict.model_uri` (default models:/mmrecall-ranker@champion), then the post-processing of
 params `evaluate.postprocess` is applied last, and the top 5 per query are written as
 `query-id,product1..product5`. The file is checked by the evaluator's validator (every query of the
@@ -24,7 +25,7 @@ from ..errors import MissingInputError
 from ..ranking import postprocess
 from ..ranking.evaluation import candidate_counts, eval_stores
 from ..ranking.metrics import METRIC, evaluate_scores, ndcg_at_5, rank, read_submission, write_metrics, write_submission
-from ..ranking.ranker import read_candidates
+from ..ranking.ranker import prepared_candidates, read_candidates
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +50,23 @@ def run(params: Params) -> dict:
         raise MissingInputError(f"none of params predict.splits {params.predict.splits} has data/<split>/<split>.tsv")
     for i, split in enumerate(splits):
         t0 = time.perf_counter()
-        table = read_candidates(Path(params.data.root) / split / f"{split}.tsv")
+        tsv = Path(params.data.root) / split / f"{split}.tsv"
+        if split in stores:  # the rows prepare kept: its rejects (features/<split>/rejects.tsv) are not scored
+            table = prepared_candidates(tsv, stores[split], split)
+            skipped = int(stores[split].meta.get("rows_rejected", 0))
+            if skipped:
+                log.warning("%s: %d row(s) of %s left out, as prepare rejected them (features/%s/rejects.tsv)",
+                            split, skipped, tsv, split)
+        else:
+            table = read_candidates(tsv)
         scores = model.predict(table)
         scored = pd.DataFrame({"query_id": table.query_id, "product_id": table.product_id,
                                "score": scores["score"].to_numpy()})
         final = postprocess.apply(scored, pp, counts) if (pp.frequency_filter or pp.exclusivity) else scored
         path = submission_path(params, split, i == 0)
         write_submission(rank(final), path, queries=set(table.query_id.tolist()))  # the evaluator's validator
-        entry = {"file": str(path), "queries": int(table.query_id.nunique()), "seconds": round(time.perf_counter() - t0, 1)}
+        entry = {"file": str(path), "queries": int(table.query_id.nunique()), "rows": len(table),
+                 "seconds": round(time.perf_counter() - t0, 1)}
         answers = stores[split].answers if split in stores else None
         if answers:
             entry[METRIC] = round(evaluate_scores(scored, answers), 6)
