@@ -91,3 +91,18 @@ def test_a_score_table_scoring_a_pair_twice_is_refused(tmp_path):
     path.write_text("7\t100\t0.9\n7\t101\t0.5\n8\t100\t0.4\n7\t101\t0.3\n")  # would count 101 twice in query 7's top 5
     with pytest.raises(metrics.SubmissionError, match="query 7 scores product 101 twice"):
         metrics.read_score_table(path)
+
+
+def test_cli_warns_when_no_submitted_product_is_an_answer(tmp_path, real, capsys, caplog):
+    """Another split's submission against these answers: same query ids, none of its products: 0 and a warning."""
+    _, _, answers = real
+    path = tmp_path / "submission.csv"
+    metrics.write_submission({q: [1, 2, 3, 4, 5] for q in answers}, path)
+    with caplog.at_level("WARNING"):
+        assert evaluate.main(["--submission", str(path), "--answers", str(FIXTURES / "valid_answer.json")]) == 0
+    assert "ndcg_at_5\t0.00000" in capsys.readouterr().out
+    assert "same split" in caplog.text
+    caplog.clear()
+    evaluate.main(["--submission", str(FIXTURES / "validscore_imagebert.txt"),
+                   "--answers", str(FIXTURES / "valid_answer.json")])
+    assert "same split" not in caplog.text  # a real score: no warning

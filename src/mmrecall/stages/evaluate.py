@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         result = score_file(args.submission, args.answers, args.counts_from, load_params(args.params).evaluate.postprocess)
         for key, value in result.items():
             print(f"{key}\t{value:.5f}")
+        if not any(result.values()):  # not one submitted product is an answer of its query
+            log.warning("NDCG@5 is 0: are %s and %s of the same split? (synthetic valid and testA share query ids)",
+                        args.submission, args.answers)
         return 0
     summary = run(load_params(args.params))
     print(markdown_table(summary), end="")
