@@ -91,6 +91,10 @@ def test_dvc_repro_end_to_end(repo):
     assert {"rerank", "ensemble", "mcan-seed1+knn", "submission", "check", "register"} <= set(stage2)
     client = mlflow.MlflowClient()
     champion = client.get_model_version_by_alias("mmrecall-ranker", "champion")
+    rule = json.loads((repo / "metrics" / "rerank.json").read_text())["submission"]  # the best on valid of four
+    assert rule["valid"][rule["rule"]] == max(rule["valid"].values()) and len(rule["valid"]) == 4
+    assert stage2["submission_rule"] == champion.tags["submission_rule"] == rule["rule"]
+    assert f"submission.csv ranks by `{rule['rule']}`" in (repo / "reports" / "stage2.md").read_text()
     assert champion.tags["data_md5"] == data_md5 and float(champion.tags["ndcg_at_5_valid_oof"]) > 0
     # Its members came from their logged models: the version names their runs, and each member loaded from its
     # logged model scores like the registered ranker's copy of it.

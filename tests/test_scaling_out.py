@@ -27,6 +27,8 @@ import pytest
 import yaml
 
 from mmrecall import cli
+from mmrecall.config import PostprocessParams
+from mmrecall.ranking import postprocess, reranker
 from mmrecall.ranking.ranker import read_candidates
 from mmrecall.stages import pools, prepare
 
@@ -179,6 +181,11 @@ def test_members_from_two_clones_registered_from_a_third(origin, server, tmp_pat
     sh(MLFLOW, "models", "predict", "-m", "models:/mmrecall-ranker@champion", "-i", str(tmp_path / "candidates.csv"),
        "-t", "csv", "-o", str(tmp_path / "pred.json"), "--env-manager", "local", cwd=tmp_path, env=env)
     got = [row["score"] for row in json.loads((tmp_path / "pred.json").read_text())["predictions"]]
-    expected = pd.read_parquet(c / "outputs" / "rerank" / "testA.parquet").set_index(["query_id", "product_id"])
-    expected = expected.loc[list(zip(small.query_id, small.product_id)), "score"].to_numpy()
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)  # the served ranker = C's re-ranker outputs
+    saved = reranker.load(c / "models" / "rerank")  # the served ranker ranks by the rule C's rerank chose
+    rule = saved.spec["submission"]
+    ruled = pd.read_parquet(c / "outputs" / rule["scores"] / "testA.parquet")
+    if rule["postprocess"]:
+        kept = postprocess.apply(ruled, PostprocessParams(**saved.spec["postprocess"]), saved.counts)
+        ruled = ruled.assign(score=postprocess.demoted(ruled, kept))
+    expected = ruled.set_index(["query_id", "product_id"]).loc[list(zip(small.query_id, small.product_id)), "score"]
+    np.testing.assert_allclose(got, expected.to_numpy(), rtol=1e-4, atol=1e-6)  # the served ranker = C's outputs

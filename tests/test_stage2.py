@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,7 +26,9 @@ from mmrecall.data.store import FeatureStore
 from mmrecall.models.backbone import load_tokenizer
 from mmrecall.models.mcan import MCAN, MCANConfig
 from mmrecall.models.word_detector import WordDetector, WordDetectorConfig
-from mmrecall.ranking import members, outputs, reranker
+from mmrecall.ranking import members, outputs, postprocess, reranker
+from mmrecall.ranking.evaluation import candidate_counts, eval_stores
+from mmrecall.ranking.metrics import rank
 from mmrecall.ranking.ensemble import ensemble_scores, learn_weights, learn_weights_oof
 from mmrecall.ranking.features import FeatureSpec, MemberOutput, box_view_features, build_features
 from mmrecall.ranking.ranker import CandidateTableError, Ranker, candidate_store, read_candidates
@@ -269,6 +272,25 @@ def test_learned_weights_favour_the_informative_member():
 # --- champion alias ----------------------------------------------------------------------------------
 
 
+def test_submission_rule_is_the_best_on_valid_or_the_named_one():
+    valid = {"rerank": {"ndcg_at_5": 0.86, "ndcg_at_5_pp": 0.85}, "ensemble": {"ndcg_at_5": 0.70, "ndcg_at_5_pp": 0.88}}
+    rule = reranker.submission_rule(valid, "auto")
+    assert (rule.name, rule.scores, rule.postprocess, rule.chosen_by) == ("ensemble_pp", "ensemble", True, "valid")
+    assert rule.valid == {"rerank_pp": 0.85, "rerank": 0.86, "ensemble_pp": 0.88, "ensemble": 0.70}
+    valid["rerank"]["ndcg_at_5"] = 0.89
+    assert reranker.submission_rule(valid).as_spec() == {"rule": "rerank", "scores": "rerank", "postprocess": False}
+    valid["rerank"]["ndcg_at_5_pp"] = 0.89  # a tie: the re-ranker after the post-processing, the 1st place's order
+    assert reranker.submission_rule(valid).name == "rerank_pp"
+    named = reranker.submission_rule(valid, "ensemble")
+    assert (named.name, named.chosen_by) == ("ensemble", "params")
+    no_pp = {k: {"ndcg_at_5": v["ndcg_at_5"]} for k, v in valid.items()}  # evaluate.postprocess all off
+    assert reranker.submission_rule(no_pp).name == "rerank"
+    with pytest.raises(ParamsError, match="switches no post-processing on"):
+        reranker.submission_rule(no_pp, "rerank_pp")
+    with pytest.raises(ParamsError, match="rerank.submission: 'best'"):
+        RerankParams(submission="best")
+
+
 def test_champion_moves_only_on_improvement(tmp_path):
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     client = mlflow.MlflowClient()
@@ -301,8 +323,6 @@ TINY_MCAN = dict(hidden=32, heads=4, ff=64, layers=1, flat_mlp=32, flat_out=32, 
 def ranker_repo(tmp_path_factory, micro_data):
     """Micro data prepared, random-weight tiny MCAN and word detector members (two seeds each) scored, the
     re-ranker fitted."""
-    import shutil
-
     import torch
 
     root = tmp_path_factory.mktemp("ranker")
@@ -347,7 +367,7 @@ def in_repo(ranker_repo, monkeypatch):
 
 
 @pytest.mark.slow
-def test_rerank_outputs_and_ranker_reproduces_them(in_repo):
+def test_rerank_outputs_and_ranker_reproduces_them(in_repo, tmp_path):
     root, params, report = in_repo
     spec = json.loads((root / "models" / "rerank" / "spec.json").read_text())
     assert spec["members"] == ["mcan-seed1", "mcan-seed2", "word_detector-seed1", "word_detector-seed2"]
@@ -369,14 +389,34 @@ def test_rerank_outputs_and_ranker_reproduces_them(in_repo):
     assert not any("best_box" in n for n in names)  # a box position is not a feature
     assert set(spec["ensemble_weights"]) == set(spec["members"])  # the ensemble is the members'; views are features
     assert 0 <= report["rerank"]["valid"]["ndcg_at_5"] <= 1
-    ranker = Ranker.load({"rerank": "models/rerank", **{f"member.{m}": str(members.checkpoint_path(m)) for m in spec["members"]}})
+    paths = {"rerank": "models/rerank", **{f"member.{m}": str(members.checkpoint_path(m)) for m in spec["members"]}}
+    ranker = Ranker.load(paths)
     table = read_candidates(root / "data" / "testA" / "testA.tsv")
-    scores = ranker.score(table)
+    scores = ranker.score(table, kind="rerank")
     expected = pd.read_parquet(root / "outputs" / "rerank" / "testA.parquet").score.to_numpy()
     np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-6)  # the pyfunc path = the stage's path
     one = (table.query_id == table.query_id.iloc[-1]).to_numpy()  # a request of one query: nothing split-wide
     # (mcan's sums depend on the batch's padding at the ulp level, which can move a row across a tree's split)
-    np.testing.assert_allclose(ranker.score(table[one].reset_index(drop=True)), expected[one], rtol=0, atol=2e-3)
+    np.testing.assert_allclose(ranker.score(table[one].reset_index(drop=True), kind="rerank"), expected[one], rtol=0,
+                               atol=2e-3)
+
+    # By default the ranker ranks as the submission's rule says: the best valid NDCG@5 of the four.
+    sub = report["submission"]
+    assert spec["submission"]["rule"] == sub["rule"] and sub["valid"][sub["rule"]] == max(sub["valid"].values())
+    assert set(sub["valid"]) == {"rerank", "rerank_pp", "ensemble", "ensemble_pp"} and sub["chosen_by"] == "valid"
+    ensemble = ranker.score(table, kind="ensemble")
+    np.testing.assert_allclose(ensemble, pd.read_parquet(root / "outputs" / "ensemble" / "testA.parquet").score, rtol=1e-4)
+    counts = candidate_counts(eval_stores(params))
+    shutil.copytree(root / "models" / "rerank", tmp_path / "rerank")
+    for rule in ("ensemble_pp", "rerank"):  # each kind of rule, whatever valid chose here
+        spec["submission"] = reranker.SubmissionRule(rule, {}, "params").as_spec()
+        (tmp_path / "rerank" / "spec.json").write_text(json.dumps(spec))
+        ruled = table[["query_id", "product_id"]].assign(score=ensemble if rule == "ensemble_pp" else scores)
+        if rule.endswith("_pp"):
+            ruled = postprocess.apply(ruled, params.evaluate.postprocess, counts)
+            assert len(ruled) < len(table)  # the frequency filter drops some candidates of the micro data
+        got = table[["query_id", "product_id"]].assign(score=Ranker.load({**paths, "rerank": tmp_path / "rerank"}).score(table))
+        assert rank(got) == rank(ruled)
 
 
 def test_features_follow_the_saved_spec(micro_data):
@@ -496,6 +536,8 @@ def test_register_predict_cli_and_serve(in_repo, tmp_path, mlflow_store):
     sub = pd.read_csv(root / "submission.csv")
     assert list(sub.columns) == ["query-id", "product1", "product2", "product3", "product4", "product5"]
     assert len(sub) == out["testA"]["queries"] and 0 <= out["testA"]["ndcg_at_5_pp"] <= 1
+    rule = json.loads((root / "models" / "rerank" / "spec.json").read_text())["submission"]["rule"]
+    assert out["rule"] == tags["submission_rule"] == rule  # the model's metadata, and the version's tag
 
     # `mlflow models predict` on a small candidate file (two whole queries).
     table = read_candidates(root / "data" / "testA" / "testA.tsv")

@@ -247,6 +247,11 @@ class LGBMParams:
     num_threads: int = 1  # tiny data: threads only add OpenMP waits on a shared 2-core box
 
 
+# What the submission can rank by (rerank.submission); in this order, the first wins a tie of valid NDCG@5.
+SUBMISSION_RULES = ("rerank_pp", "rerank", "ensemble_pp", "ensemble")
+SUBMISSION_SETTINGS = ("auto", *SUBMISSION_RULES)
+
+
 @dataclass
 class RerankParams:
     """LightGBM re-ranker on valid, query-grouped K-fold, and the ensemble of members (the 1st place's stage 2)."""
@@ -269,8 +274,13 @@ class RerankParams:
     learn_weights: bool = True  # ensemble weights fitted on valid (out-of-fold for valid's own rows)
     ensemble_weights: dict = field(default_factory=dict)  # learn_weights false: member -> weight (missing = 1)
     lgbm: LGBMParams = field(default_factory=LGBMParams)
+    submission: str = "auto"  # what the submission ranks by: rerank | rerank_pp | ensemble | ensemble_pp (_pp: after
+    # evaluate.postprocess), or auto: the one with the best valid NDCG@5 (the re-ranker's and ensemble's out of fold)
 
     def __post_init__(self):
+        if self.submission not in SUBMISSION_SETTINGS:
+            raise ParamsError(f"params.yaml rerank.submission: {self.submission!r}, expected one of "
+                              f"{', '.join(SUBMISSION_SETTINGS)}")
         if self.repeats < 1:
             raise ParamsError(f"params.yaml rerank.repeats: expected at least 1 round of K-fold, got {self.repeats}")
         if isinstance(self.consensus_rounds, bool) or not isinstance(self.consensus_rounds, int) or self.consensus_rounds < 1:

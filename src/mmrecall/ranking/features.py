@@ -86,6 +86,7 @@ def candidate_features(store: FeatureStore, counts: pd.Series) -> dict[str, np.n
     area, aspect = boxes[:, 4].astype(np.float64), np.log(np.maximum(boxes[:, 5], 1e-6)).astype(np.float64)
     hist = np.zeros((len(labels), NUM_LABELS), np.float64)
     hist[np.arange(len(labels)), labels] = 1.0
+    codes, sizes, _ = _group_codes(rows.query_id.to_numpy())
     if len(rows) and len(offsets):
         sums = lambda a: np.add.reduceat(a, offsets, axis=0)  # noqa: E731 (rows own contiguous, ordered blocks)
         hist_rows = sums(hist)
@@ -94,12 +95,6 @@ def candidate_features(store: FeatureStore, counts: pd.Series) -> dict[str, np.n
     else:
         hist_rows = np.zeros((0, NUM_LABELS))
         area_max = area_mean = aspect_mean = np.zeros(0)
-    count = rows.product_id.map(counts).fillna(1).to_numpy(np.float64)
-    codes, sizes, starts = _group_codes(rows.query_id.to_numpy())
-    order = np.lexsort((count, codes))  # by query, smallest count first
-    count_min = count[order][starts][codes]
-    # The frequency filter's threshold (the 1st place's post-processing): the 5th smallest count of the query.
-    count_kth = count[order][starts + np.minimum(K, sizes) - 1][codes]
     return {
         "num_boxes": rows.num_boxes.to_numpy(np.float64),
         "n_kept": n,
@@ -112,11 +107,25 @@ def candidate_features(store: FeatureStore, counts: pd.Series) -> dict[str, np.n
         "labels_distinct": (hist_rows > 0).sum(1).astype(np.float64),
         "label_major": hist_rows.argmax(1).astype(np.float64) if len(hist_rows) else np.zeros(0),
         "label_major_share": hist_rows.max(1) / n if len(hist_rows) else np.zeros(0),
+        **count_features(rows.product_id, rows.query_id.to_numpy(), counts),
+        "query_words": rows.query_clean.map(lambda q: len(words(q))).to_numpy(np.float64),
+        "query_candidates": sizes[codes].astype(np.float64),
+    }
+
+
+def count_features(product_ids: pd.Series, groups: np.ndarray, counts: pd.Series) -> dict[str, np.ndarray]:
+    """Per row: the candidate's number of rows over the evaluation files (`counts`), and its gap to the query's
+    least frequent candidate and to the frequency filter's threshold (`groups`: query id per row)."""
+    count = product_ids.map(counts).fillna(1).to_numpy(np.float64)
+    codes, sizes, starts = _group_codes(groups)
+    order = np.lexsort((count, codes))  # by query, smallest count first
+    count_min = count[order][starts][codes]
+    # The frequency filter's threshold (the 1st place's post-processing): the 5th smallest count of the query.
+    count_kth = count[order][starts + np.minimum(K, sizes) - 1][codes]
+    return {
         "cand_count": count,
         "cand_count_gap": count - count_min,
         "cand_count_kth_gap": count - count_kth,  # <= 0: the frequency filter keeps it
-        "query_words": rows.query_clean.map(lambda q: len(words(q))).to_numpy(np.float64),
-        "query_candidates": sizes[codes].astype(np.float64),
     }
 
 

@@ -7,7 +7,8 @@
   belongs to its argmax query only (top1 - top2 >= threshold) or is removed from all of them;
   a query left with fewer than 5 candidates falls back to its unfiltered list.
 
-Both return a score table of the kept rows, so `metrics.rank` turns either into a ranking.
+Both return a score table of the kept rows (with their index), so `metrics.rank` turns either into a ranking;
+`demoted` turns that into scores for every row, as the registered ranker outputs them.
 """
 
 from __future__ import annotations
@@ -39,21 +40,20 @@ def frequency_filter(scores: pd.DataFrame, counts: pd.Series, k: int = K) -> pd.
 
 
 def exclusivity_filter(scores: pd.DataFrame, threshold: float = 0.92, k: int = K) -> pd.DataFrame:
-    df = scores.reset_index(drop=True)
-    keep = np.ones(len(df), dtype=bool)
-    for _, idx in df.groupby("product_id", sort=False).indices.items():
+    score = scores.score.to_numpy()
+    keep = np.ones(len(scores), dtype=bool)
+    for _, idx in scores.groupby("product_id", sort=False).indices.items():
         if len(idx) < 2:
             continue
-        s = df.score.to_numpy()[idx]
+        s = score[idx]
         order = np.argsort(-s, kind="stable")
         keep[idx] = False
         if s[order[0]] - s[order[1]] >= threshold:
             keep[idx[order[0]]] = True
-    kept = df[keep]
     # A query left with fewer than k candidates falls back to its unfiltered list.
-    short = kept.groupby("query_id").size().reindex(df.query_id.unique(), fill_value=0) < k
-    fallback = set(short[short].index)
-    return pd.concat([kept[~kept.query_id.isin(fallback)], df[df.query_id.isin(fallback)]])
+    kept_per_query = pd.Series(keep).groupby(scores.query_id.to_numpy()).sum()
+    fallback = scores.query_id.isin(kept_per_query.index[kept_per_query < k]).to_numpy()
+    return scores[keep | fallback]
 
 
 def apply(scores: pd.DataFrame, params: PostprocessParams, counts: pd.Series | None) -> pd.DataFrame:
@@ -66,3 +66,14 @@ def apply(scores: pd.DataFrame, params: PostprocessParams, counts: pd.Series | N
             raise ValueError("frequency_filter needs candidate counts over the evaluation files")
         out = frequency_filter(out, counts)
     return out
+
+
+def demoted(scores: pd.DataFrame, kept: pd.DataFrame) -> np.ndarray:
+    """`scores.score`, with each row that the post-processing dropped (its index is not in `kept`, a filter's
+    output) moved below every kept row of its query, in its own order: the scores rank as the kept table does,
+    and the dropped rows still follow."""
+    score = scores.score.to_numpy(np.float64)
+    dropped = ~scores.index.isin(kept.index)
+    by_query = pd.Series(score).groupby(scores.query_id.to_numpy())
+    spread = (by_query.transform("max") - by_query.transform("min")).to_numpy()
+    return np.where(dropped, score - spread - 1.0, score)

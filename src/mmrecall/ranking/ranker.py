@@ -3,7 +3,11 @@ and box views), re-ranker.
 
     ranker = Ranker.load({"rerank": "models/rerank", "backbone": <tokenizer folder>,
                           "member.mcan-seed1": "models/mcan/seed1/model.pt", ...})
-    scores = ranker.score(read_candidates("data/testA/testA.tsv"))    # one float per row
+    scores = ranker.score(read_candidates("data/testA/testA.tsv"))    # one float per row, higher first
+
+The scores rank as the submission does: the re-ranker's or the ensemble's, and, when the rule the rerank stage
+chose says so (spec.json "submission"), the post-processing of evaluate.postprocess applied as a demotion (a
+candidate the frequency filter drops ranks below every kept one of its query, `postprocess.demoted`).
 
 A candidate table has the nine TSV columns (tsv.COLUMNS; boxes / features / class_labels base64 as in
 the files). It is decoded by the same validating parser as `prepare` (data/ingest.py); any row that
@@ -28,13 +32,13 @@ import pandas as pd
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import ColSpec, Schema
 
-from ..config import SmoothParams
+from ..config import PostprocessParams, SmoothParams
 from ..data.ingest import in_memory_store
 from ..data.store import FeatureStore
 from ..data.tsv import COLUMNS, parse_chunk
 from ..errors import MissingInputError, UserError
 from . import members as members_mod
-from . import reranker
+from . import postprocess, reranker
 from .features import build_features, fitted_box_view, member_output
 from .outputs import box_view, table_best_box, table_details, view
 from .smoothing import smoothed_store
@@ -127,8 +131,14 @@ class Ranker:
         members = {m: members_mod.load(paths[f"{MEMBER_PREFIX}{m}"], paths.get("backbone")) for m in saved.spec["members"]}
         return cls(saved, members)
 
-    def score(self, table: pd.DataFrame, kind: str = "rerank") -> np.ndarray:
-        """One score per row: the re-ranker's mean fold prediction (kind='ensemble': the members' ensemble)."""
+    @property
+    def rule(self) -> dict:
+        """What `score` ranks by: spec.json's "submission" (a folder saved before it: the re-ranker alone)."""
+        return self.spec.get("submission") or {"rule": "rerank", "scores": "rerank", "postprocess": False}
+
+    def score(self, table: pd.DataFrame, kind: str | None = None) -> np.ndarray:
+        """One score per row, higher first. By default as the submission ranks (`rule`); kind 'rerank': the
+        re-ranker's mean fold prediction, 'ensemble': the members' ensemble, neither post-processed."""
         store = candidate_store(table, int(self.spec.get("box_cap", 30)))
         views, knn = self.feature_spec.views, None
         if self.spec["smoothing"] or views:
@@ -151,7 +161,14 @@ class Ranker:
         in_table = store.rows.product_id.value_counts()
         counts = pd.concat([self.counts.reindex(in_table.index).fillna(0), in_table], axis=1).max(axis=1)
         X, ensemble = build_features(store, outputs, self.feature_spec, counts)
-        if kind == "ensemble":
-            return ensemble
+        scores = ensemble if (kind or self.rule["scores"]) == "ensemble" else self._rerank(X)
+        if kind is not None or not self.rule["postprocess"]:
+            return scores
+        table_scores = pd.DataFrame({"query_id": store.rows.query_id.to_numpy(),
+                                     "product_id": store.rows.product_id.to_numpy(), "score": scores})
+        kept = postprocess.apply(table_scores, PostprocessParams(**self.spec["postprocess"]), counts)
+        return postprocess.demoted(table_scores, kept)
+
+    def _rerank(self, X: pd.DataFrame) -> np.ndarray:
         values = X.to_numpy()  # once, not a DataFrame check per booster
         return np.mean([b.predict(values) for b in self.boosters], axis=0)

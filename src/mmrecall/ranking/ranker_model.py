@@ -1,7 +1,8 @@
 """The registered MLflow model `mmrecall-ranker` (models-from-code: MLflow runs this file to load it).
 
 Input: a candidate table with the nine official TSV columns (base64 boxes / features / class_labels as
-in the files). Output: one column `score`, one row per input row (higher = better). Artifacts: the
+in the files). Output: one column `score`, one row per input row (higher = better), ranking as the submission
+does: by the rule `mmrecall rerank` chose on valid (the model's metadata `submission`). Artifacts: the
 member checkpoints (member.<name>), the re-ranker folder (LightGBM boosters as text files, PCA,
 candidate counts, the feature spec with the preprocessing settings) and the backbone's config and
 tokenizer files. The logic lives in mmrecall.ranking.ranker (shipped with the model as code).

@@ -13,7 +13,13 @@ the hardest world every time (BENCHMARKS.md).
 The folder (models/rerank/ by default), written by `save` and read by `load`: booster_fold<i>.txt
 (LightGBM text files, i over folds x repeats), pca.npz (each member's fused mean and components),
 counts.parquet (candidate counts over the evaluation files), spec.json (members, feature names, preprocessing
-settings, honest metrics).
+settings, honest metrics, and the submission's rule).
+
+The submission's rule (`submission_rule`, params rerank.submission): the re-ranker's scores or the ensemble's,
+each as they are or after the post-processing of evaluate.postprocess. `auto` takes the one with the best valid
+NDCG@5, out of fold for both. On a strong re-ranker that is the re-ranker (on the real valid files the frequency
+filter after it cost 0.009); where the members are weak, the ensemble after the filter can beat it
+(BENCHMARKS.md, "The submission's rule").
 """
 
 from __future__ import annotations
@@ -28,12 +34,13 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
-from ..config import Params, ParamsError, RerankParams, member_names, to_dict
+from ..config import SUBMISSION_RULES, Params, ParamsError, RerankParams, member_names, to_dict
 from ..data.store import FeatureStore
 from ..errors import MissingInputError, UserError
 from . import outputs
 from .ensemble import learn_weights, learn_weights_oof
 from .features import FeatureSpec, build_features, fit_pca, fitted_box_view, member_output
+from .metrics import METRIC
 
 log = logging.getLogger(__name__)
 
@@ -226,10 +233,51 @@ def fit_variant(params: Params, stores: dict[str, FeatureStore], counts: pd.Seri
                    {s: outputs.score_table(st, preds[s]) for s, st in stores.items()}, importance)
 
 
-def save(variant: Variant, params: Params, counts: pd.Series, smoothing: bool, metrics: dict, folder: Path = MODEL_DIR,
-         run_id: str | None = None) -> None:
-    """The chosen variant as files the registered model loads: boosters, PCA, counts, spec (with `run_id`, the
-    rerank stage's MLflow run)."""
+# --- the submission's rule -----------------------------------------------------------------------
+
+
+@dataclass
+class SubmissionRule:
+    name: str  # one of config.SUBMISSION_RULES
+    valid: dict[str, float]  # valid NDCG@5 of every rule that could be chosen (out of fold)
+    chosen_by: str  # "valid" (rerank.submission auto) or "params"
+
+    @property
+    def scores(self) -> str:
+        """Whose scores: rerank or ensemble."""
+        return self.name.removesuffix("_pp")
+
+    @property
+    def postprocess(self) -> bool:
+        return self.name.endswith("_pp")
+
+    def as_spec(self) -> dict:
+        return {"rule": self.name, "scores": self.scores, "postprocess": self.postprocess}
+
+
+def submission_rule(valid: dict[str, dict[str, float]], setting: str = "auto") -> SubmissionRule:
+    """`valid`: {"rerank": split_report, "ensemble": split_report} on valid (`ndcg_at_5`, and `ndcg_at_5_pp` when
+    evaluate.postprocess switches a filter on). `setting` names a rule, or "auto": the best valid NDCG@5, the
+    earlier of SUBMISSION_RULES on a tie (the re-ranker after the post-processing: the 1st place's order)."""
+    values = {}
+    for rule in SUBMISSION_RULES:
+        key = f"{METRIC}_pp" if rule.endswith("_pp") else METRIC
+        value = valid[rule.removesuffix("_pp")].get(key)
+        if value is not None:
+            values[rule] = float(value)
+    if setting == "auto":
+        best = max(values.values())
+        return SubmissionRule(next(r for r in values if values[r] == best), values, "valid")
+    if setting not in values:
+        raise ParamsError(f"params.yaml rerank.submission: {setting!r}, but evaluate.postprocess switches no "
+                          f"post-processing on; choose one of {', '.join(values)} or auto")
+    return SubmissionRule(setting, values, "params")
+
+
+def save(variant: Variant, params: Params, counts: pd.Series, smoothing: bool, metrics: dict, rule: SubmissionRule,
+         folder: Path = MODEL_DIR, run_id: str | None = None) -> None:
+    """The chosen variant as files the registered model loads: boosters, PCA, counts, spec (with the submission's
+    `rule` and the post-processing it may apply, and `run_id`, the rerank stage's MLflow run)."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
@@ -255,6 +303,8 @@ def save(variant: Variant, params: Params, counts: pd.Series, smoothing: bool, m
         "smooth": to_dict(params.smooth) | {"members": None},
         "box_cap": params.prepare.box_cap,
         "metrics": metrics,
+        "submission": rule.as_spec(),
+        "postprocess": to_dict(params.evaluate.postprocess),
         "mlflow_run_id": run_id,
     }
     (folder / SPEC).write_text(json.dumps(spec, indent=2) + "\n")

@@ -2,11 +2,14 @@
 
 The candidate file data/<split>/<split>.tsv is read as a candidate table (the rows `prepare` kept in
 features/<split>: a row it rejected is left out and logged, not fatal) and scored by the model at
-params `predict.model_uri` (default models:/mmrecall-ranker@champion), then the post-processing of
-params `evaluate.postprocess` is applied last, and the top 5 per query are written as
-`query-id,product1..product5`. The file is checked by the evaluator's validator (every query of the
-split, 5 distinct ids) and read back with its reader. With answers (synthetic testA) its NDCG@5 is
-reported, and the raw-ranking NDCG@5 next to it. metrics/predict.json has the numbers.
+params `predict.model_uri` (default models:/mmrecall-ranker@champion). Its scores already rank as the
+submission's rule says (the MLflow model's metadata `submission`, chosen on valid by `mmrecall rerank`: the
+re-ranker's or the ensemble's scores, with or without the post-processing of evaluate.postprocess); a model
+registered before the rule existed gets the post-processing of params `evaluate.postprocess` here, as then.
+The top 5 per query are written as `query-id,product1..product5`. The file is checked by the evaluator's
+validator (every query of the split, 5 distinct ids) and read back with its reader. With answers (synthetic
+testA) its NDCG@5 is reported (`ndcg_at_5`), and next to it that of the model's scores after
+evaluate.postprocess (`ndcg_at_5_pp`; the same when the rule applied it). metrics/predict.json has the numbers.
 """
 
 from __future__ import annotations
@@ -41,10 +44,15 @@ def run(params: Params) -> dict:
     log.info("loading %s", params.predict.model_uri)
     model = mlflow.pyfunc.load_model(params.predict.model_uri)
     load_seconds = time.perf_counter() - started
+    rule = (model.metadata.metadata or {}).get("submission")  # None: registered before the rule, pp applied here
+    log.info("the model ranks by %s", rule or "the re-ranker (registered before the submission's rule): "
+             "evaluate.postprocess is applied here")
     stores = eval_stores(params)
     counts = candidate_counts(stores)
     pp = params.evaluate.postprocess
-    report: dict = {"model_uri": params.predict.model_uri, "load_seconds": round(load_seconds, 1)}
+    report: dict = {"model_uri": params.predict.model_uri, "load_seconds": round(load_seconds, 1),
+                    "rule": rule or "rerank, then evaluate.postprocess"}
+    switched_on = pp.frequency_filter or pp.exclusivity
     splits = [s for s in params.predict.splits if (Path(params.data.root) / s / f"{s}.tsv").exists()]
     if not splits:
         raise MissingInputError(f"none of params predict.splits {params.predict.splits} has data/<split>/<split>.tsv")
@@ -62,15 +70,19 @@ def run(params: Params) -> dict:
         scores = model.predict(table)
         scored = pd.DataFrame({"query_id": table.query_id, "product_id": table.product_id,
                                "score": scores["score"].to_numpy()})
-        final = postprocess.apply(scored, pp, counts) if (pp.frequency_filter or pp.exclusivity) else scored
+        final = postprocess.apply(scored, pp, counts) if switched_on and rule is None else scored
         path = submission_path(params, split, i == 0)
         write_submission(rank(final), path, queries=set(table.query_id.tolist()))  # the evaluator's validator
         entry = {"file": str(path), "queries": int(table.query_id.nunique()), "rows": len(table),
                  "seconds": round(time.perf_counter() - t0, 1)}
         answers = stores[split].answers if split in stores else None
-        if answers:
+        if answers and rule is None:
             entry[METRIC] = round(evaluate_scores(scored, answers), 6)
             entry[f"{METRIC}_pp"] = round(ndcg_at_5(read_submission(path), answers), 6)  # the file, read back
+        elif answers:
+            entry[METRIC] = round(ndcg_at_5(read_submission(path), answers), 6)  # the file, read back
+            if switched_on:
+                entry[f"{METRIC}_pp"] = round(evaluate_scores(postprocess.apply(scored, pp, counts), answers), 6)
         report[split] = entry
         log.info("%s: %s", split, entry)
     report["seconds"] = round(time.perf_counter() - started, 1)

@@ -13,7 +13,9 @@
 - The model is src/mmrecall/ranking/ranker_model.py with the mmrecall package as its code; artifacts: the
   downloaded member checkpoints, models/rerank/ (LightGBM boosters as text files, PCA, counts, feature spec
   with the preprocessing settings) and the backbone's config + tokenizer files. Explicit signature (the
-  nine official columns -> score) and a two-row input example from valid.
+  nine official columns -> score) and a two-row input example from valid. Its scores rank as the submission's
+  rule says (spec.json "submission", chosen by `mmrecall rerank`), which the model's metadata `submission` and
+  the version's tag `submission_rule` name.
 - Registered as params `register.name` (default mmrecall-ranker); the version's source run is the
   `register` run that logged it. The version's tags are its metrics (honest out-of-fold valid NDCG@5,
   testA, with and without post-processing), the data hash, the git commit, the params hash, every
@@ -102,6 +104,7 @@ def run(params: Params, rerank_dir: Path = reranker.MODEL_DIR) -> dict:
                 input_example=example_rows(params),
                 pip_requirements=tracking.pip_requirements(),
                 registered_model_name=rp.name,
+                metadata={"submission": spec["submission"]["rule"]} if "submission" in spec else None,
             )
             mlflow.log_metric(METRIC, score)
             run_id = run.info.run_id
@@ -109,7 +112,8 @@ def run(params: Params, rerank_dir: Path = reranker.MODEL_DIR) -> dict:
     version_ = str(info.registered_model_version)
     tags = {**model_tags(spec), **tracking.standard_tags("register", to_dict(params.rerank)), "run_id": run_id,
             "members": ",".join(spec["members"]), **member_tags(found),
-            "rerank_run_id": spec.get("mlflow_run_id") or "unknown", "smoothing": str(spec["smoothing"]).lower()}
+            "rerank_run_id": spec.get("mlflow_run_id") or "unknown", "smoothing": str(spec["smoothing"]).lower(),
+            "submission_rule": spec.get("submission", {}).get("rule", "rerank, then evaluate.postprocess")}
     for key, value in tags.items():
         client.set_model_version_tag(rp.name, version_, key, value)
     decision = tracking.promote_if_better(client, rp.name, rp.alias, version_, score, HONEST)

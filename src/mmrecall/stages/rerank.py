@@ -3,7 +3,9 @@
 Fits the re-ranker on the plain members (with the smoothed views of `rerank.smoothed_views` and the box views of
 `rerank.box_views` beside them), and again on the smoothed members when `mmrecall smooth` wrote them all; writes both variants' score tables
 (outputs/ensemble[-knn]/, outputs/rerank[-knn]/), saves the variant params `rerank.smoothing` picks to
-models/rerank/ (what the registered model loads), logs one MLflow run and writes metrics/rerank.json.
+models/rerank/ (what the registered model loads) with the submission's rule (`reranker.submission_rule`: the
+re-ranker's or the ensemble's scores, with or without evaluate.postprocess, by valid NDCG@5 under `auto`), logs one
+MLflow run and writes metrics/rerank.json.
 """
 
 from __future__ import annotations
@@ -66,17 +68,27 @@ def run(params: Params) -> dict:
         log.info("ensemble weights (learned on valid: %s): %s", params.rerank.learn_weights,
                  variant.spec.ensemble_weights or "all 1")
     variant, smoothing = chosen
-    key = outputs.knn("rerank", smoothing)
+    key, ensemble_key = outputs.knn("rerank", smoothing), outputs.knn("ensemble", smoothing)
     honest = {"valid_oof": report[key]["valid"], **{s: v for s, v in report[key].items() if s in stores and s != "valid"}}
     report["chosen"] = key
+    rule = reranker.submission_rule({"rerank": report[key]["valid"], "ensemble": report[ensemble_key]["valid"]},
+                                    params.rerank.submission)
+    ruled, metric = report[outputs.knn(rule.scores, smoothing)], f"{METRIC}_pp" if rule.postprocess else METRIC
+    report["submission"] = {"rule": rule.name, "chosen_by": rule.chosen_by, "valid": rule.valid,
+                            **{s: ruled[s][metric] for s in stores if s != "valid" and s in ruled}}  # reported only
+    log.info("the submission ranks by %s (%s; valid NDCG@5 %s; the re-ranker's and the ensemble's out of fold)",
+             rule.name, "the best on valid" if rule.chosen_by == "valid" else "params rerank.submission",
+             ", ".join(f"{r} {v:.4f}" for r, v in rule.valid.items()))
     report["seconds"] = round(time.perf_counter() - started, 1)
     with tracking.start_run("rerank", stage="rerank", params=flatten({"rerank": to_dict(params.rerank)}),
                             experiment=params.tracking.experiment, tags={"model": "rerank"}) as run:
-        reranker.save(variant, params, counts, smoothing, honest, run_id=run.info.run_id)  # register tags its run
+        reranker.save(variant, params, counts, smoothing, honest, rule, run_id=run.info.run_id)  # register tags its run
         flat = {f"{METRIC}_{k}_{s}" + ("_pp" if m.endswith("_pp") else ""): v
                 for k in ("ensemble", "rerank") for s, vals in report[k].items() if isinstance(vals, dict) and s in stores
                 for m, v in vals.items()}
-        mlflow.log_metrics({METRIC: report[key]["valid"][METRIC], **flat, "seconds": report["seconds"]})
+        mlflow.log_metrics({METRIC: report[key]["valid"][METRIC], **flat, "seconds": report["seconds"],
+                            f"{METRIC}_submission_valid": rule.valid[rule.name]})
+        mlflow.set_tag("submission_rule", rule.name)
         mlflow.log_dict(report, "rerank.json")
     write_metrics(params.data.metrics, "rerank", report)
     log.info("saved %s to %s (%.0f s)", key, reranker.MODEL_DIR, report["seconds"])
@@ -89,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Ensemble of the members (weighted sum of probabilities) and a LightGBM re-ranker fitted on "
         "valid with query-grouped K-fold, repeated `rerank.repeats` times with other folds: every valid row is "
         "scored by the boosters that never saw its query (the honest NDCG@5), test rows by the mean of all "
-        "fold boosters. Writes outputs/ensemble/, "
+        "fold boosters. Then picks what the submission ranks by (params rerank.submission; auto: the best valid "
+        "NDCG@5 of the re-ranker and the ensemble, each with and without evaluate.postprocess). Writes outputs/ensemble/, "
         "outputs/rerank/ (and -knn variants when `mmrecall smooth` ran), models/rerank/ and metrics/rerank.json.",
     )
     parser.add_argument("--params", type=user_path, help="params file (default: the repository's params.yaml)")

@@ -33,7 +33,7 @@ PLOTS = Path("plots")
 
 
 RERANK_LABEL = "ensemble + re-ranker (valid: out-of-fold)"
-META = ("check", "register")  # non-table entries of the summary
+META = ("check", "register", "submission_rule")  # non-table entries of the summary
 
 
 def rows_to_report(params: Params) -> list[tuple[str, str, str, str]]:
@@ -66,6 +66,8 @@ def collect(params: Params) -> dict:
         report = json.loads(predict.read_text())
         summary["submission"] = {s: {k: v for k, v in vals.items() if k.startswith(METRIC)}
                                  for s, vals in report.items() if isinstance(vals, dict) and METRIC in vals}
+        if "rule" in report:
+            summary["submission_rule"] = report["rule"]
     register = Path(params.data.metrics) / "register.json"
     if register.exists():
         summary["register"] = json.loads(register.read_text())
@@ -100,6 +102,9 @@ def markdown(summary: dict, params: Params) -> str:
         c = summary["check"]
         text += (f"\nOn {c['split']}: ensemble + re-ranker {c['ensemble_rerank'].get(METRIC, float('nan')):.4f} vs the best "
                  f"single member ({c['best_single_member']}) {c['best_single'][METRIC]:.4f} (raw NDCG@5).\n")
+    if "submission_rule" in summary:
+        text += (f"\nsubmission.csv ranks by `{summary['submission_rule']}` (`rerank.submission`; metrics/rerank.json has "
+                 "the valid NDCG@5 of each rule).\n")
     if "register" in summary:
         r = summary["register"]
         text += (f"\nRegistered {r['name']} v{r['version']} (honest valid NDCG@5 {r['ndcg_at_5_valid_oof']:.4f}); "
