@@ -54,6 +54,19 @@ def test_demoted_scores_rank_as_the_filtered_table(real):
         assert 0 < len(dropped) < len(valid)
 
 
+def test_a_query_of_fewer_than_5_candidates_is_completed_with_other_products(tmp_path):
+    """Its line gets products it does not list, in the fill order, so the official reader takes the file and the
+    query's NDCG@5 is what its own candidates give."""
+    rankings = {1: [10, 11, 12, 13, 14], 2: [20, 21, 22]}
+    full, short = metrics.padded(rankings, fill=[21, 10, 11, 10, 30])
+    assert short == [2] and full == {1: [10, 11, 12, 13, 14], 2: [20, 21, 22, 10, 11]}
+    metrics.write_submission(full, tmp_path / "s.csv", queries={1, 2})
+    answers = {1: {12}, 2: {22, 20}}
+    assert metrics.ndcg_at_5(metrics.read_submission(tmp_path / "s.csv"), answers) == metrics.ndcg_at_5(rankings, answers)
+    with pytest.raises(metrics.SubmissionError, match="query 2 has"):
+        metrics.write_submission(rankings, tmp_path / "t.csv")
+
+
 def test_ndcg_ideal_uses_min_answers_and_5():
     d = [1 / math.log2(i + 2) for i in range(5)]
     assert metrics.ndcg_at_5_query([1, 2, 3, 4, 5], {1, 2}) == 1.0  # 2 answers, both on top

@@ -129,6 +129,20 @@ def validate_rankings(rankings: Mapping[int, list[int]], queries: set[int], wher
             raise SubmissionError(f"{where}: query {q} has {ids}, need {K} distinct product ids")
 
 
+def padded(rankings: Mapping[int, list[int]], fill: list[int]) -> tuple[dict[int, list[int]], list[int]]:
+    """(rankings, the queries completed): each ranking of fewer than K products, which holds every candidate of its
+    query, is completed from `fill` (products in order of preference), skipping those it lists. A query's answers
+    are among its candidates, so the added products cannot change its NDCG@5; the official scorer needs K ids."""
+    out, short = {}, []
+    for q, ids in rankings.items():
+        if len(ids) < K:
+            listed = set(ids)
+            ids = ids + [p for p in dict.fromkeys(fill) if p not in listed][: K - len(ids)]
+            short.append(q)
+        out[q] = ids
+    return out, short
+
+
 def write_submission(rankings: Mapping[int, list[int]], path: str | Path, queries: set[int] | None = None) -> None:
     """Write `query-id,product1..5`, checked like the evaluator reads it."""
     validate_rankings(rankings, set(rankings) if queries is None else queries, where=str(path))

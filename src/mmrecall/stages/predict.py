@@ -27,7 +27,8 @@ from ..config import Params, load_params, user_path
 from ..errors import MissingInputError
 from ..ranking import postprocess
 from ..ranking.evaluation import candidate_counts, eval_stores
-from ..ranking.metrics import METRIC, evaluate_scores, ndcg_at_5, rank, read_submission, write_metrics, write_submission
+from ..ranking.metrics import (METRIC, evaluate_scores, ndcg_at_5, padded, rank, read_submission, write_metrics,
+                                write_submission)
 from ..ranking.ranker import prepared_candidates, read_candidates
 
 log = logging.getLogger(__name__)
@@ -72,9 +73,15 @@ def run(params: Params) -> dict:
                                "score": scores["score"].to_numpy()})
         final = postprocess.apply(scored, pp, counts) if switched_on and rule is None else scored
         path = submission_path(params, split, i == 0)
-        write_submission(rank(final), path, queries=set(table.query_id.tolist()))  # the evaluator's validator
+        fill = counts.sort_index().sort_values(ascending=False, kind="stable").index.tolist()  # the most frequent
+        rankings, short = padded(rank(final), fill)
+        if short:
+            log.warning("%s: %d queries have fewer than 5 candidates (e.g. query %s); their lines are completed with "
+                        "products that are not their candidates, as the official scorer needs 5 (their NDCG@5 is "
+                        "unchanged)", split, len(short), short[0])
+        write_submission(rankings, path, queries=set(table.query_id.tolist()))  # the evaluator's validator
         entry = {"file": str(path), "queries": int(table.query_id.nunique()), "rows": len(table),
-                 "seconds": round(time.perf_counter() - t0, 1)}
+                 "seconds": round(time.perf_counter() - t0, 1), **({"completed_queries": len(short)} if short else {})}
         answers = stores[split].answers if split in stores else None
         if answers and rule is None:
             entry[METRIC] = round(evaluate_scores(scored, answers), 6)
