@@ -76,9 +76,9 @@ def run(params: Params) -> dict:
         fill = counts.sort_index().sort_values(ascending=False, kind="stable").index.tolist()  # the most frequent
         rankings, short = padded(rank(final), fill)
         if short:
-            log.warning("%s: %d queries have fewer than 5 candidates (e.g. query %s); their lines are completed with "
-                        "products that are not their candidates, as the official scorer needs 5 (their NDCG@5 is "
-                        "unchanged)", split, len(short), short[0])
+            log.warning("%s: %d query line(s) with fewer than 5 candidates (e.g. query %s) completed with products "
+                        "that are not their candidates, as the official scorer needs 5 (their NDCG@5 is unchanged)",
+                        split, len(short), short[0])
         write_submission(rankings, path, queries=set(table.query_id.tolist()))  # the evaluator's validator
         entry = {"file": str(path), "queries": int(table.query_id.nunique()), "rows": len(table),
                  "seconds": round(time.perf_counter() - t0, 1), **({"completed_queries": len(short)} if short else {})}
