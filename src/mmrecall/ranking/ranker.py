@@ -86,6 +86,26 @@ def prepared_candidates(path: str | Path, store: FeatureStore, split: str) -> pd
     return table
 
 
+def rejected_queries(path: str | Path, store: FeatureStore) -> set[int]:
+    """The query ids of the rows of an official TSV that `prepare` rejected (the store's rejects.tsv), where such a
+    row still has every column and a whole-number query_id: a query whose rows were all rejected has no candidate
+    left, but the official scorer needs its line."""
+    rejects = Path(store.root) / "rejects.tsv"
+    if not int(store.meta.get("rows_rejected", 0)) or not rejects.exists():
+        return set()
+    with open(rejects) as f:
+        lines = {int(line.split("\t", 1)[0]) for line in list(f)[1:] if line.strip()}
+    found = set()
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if number in lines:
+                fields = raw.rstrip(b"\r\n").split(b"\t")
+                query = fields[-1].strip()
+                if len(fields) == len(COLUMNS) and query.isdigit():
+                    found.add(int(query))
+    return found
+
+
 def _text(value) -> str:
     return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
 

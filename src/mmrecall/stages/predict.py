@@ -29,7 +29,7 @@ from ..ranking import postprocess
 from ..ranking.evaluation import candidate_counts, eval_stores
 from ..ranking.metrics import (METRIC, evaluate_scores, ndcg_at_5, padded, rank, read_submission, write_metrics,
                                 write_submission)
-from ..ranking.ranker import prepared_candidates, read_candidates
+from ..ranking.ranker import prepared_candidates, read_candidates, rejected_queries
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,14 @@ def run(params: Params) -> dict:
     for i, split in enumerate(splits):
         t0 = time.perf_counter()
         tsv = Path(params.data.root) / split / f"{split}.tsv"
+        lost: list[int] = []  # queries whose rows prepare all rejected
         if split in stores:  # the rows prepare kept: its rejects (features/<split>/rejects.tsv) are not scored
             table = prepared_candidates(tsv, stores[split], split)
             skipped = int(stores[split].meta.get("rows_rejected", 0))
             if skipped:
                 log.warning("%s: %d row(s) of %s left out, as prepare rejected them (features/%s/rejects.tsv)",
                             split, skipped, tsv, split)
+                lost = sorted(rejected_queries(tsv, stores[split]) - set(table.query_id.tolist()))
         else:
             table = read_candidates(tsv)
         scores = model.predict(table)
@@ -74,14 +76,18 @@ def run(params: Params) -> dict:
         final = postprocess.apply(scored, pp, counts) if switched_on and rule is None else scored
         path = submission_path(params, split, i == 0)
         fill = counts.sort_index().sort_values(ascending=False, kind="stable").index.tolist()  # the most frequent
-        rankings, short = padded(rank(final), fill)
+        rankings, short = padded({**rank(final), **{q: [] for q in lost}}, fill)
         if short:
             log.warning("%s: %d query line(s) with fewer than 5 candidates (e.g. query %s) completed with products "
                         "that are not their candidates, as the official scorer needs 5 (their NDCG@5 is unchanged)",
                         split, len(short), short[0])
-        write_submission(rankings, path, queries=set(table.query_id.tolist()))  # the evaluator's validator
-        entry = {"file": str(path), "queries": int(table.query_id.nunique()), "rows": len(table),
-                 "seconds": round(time.perf_counter() - t0, 1), **({"completed_queries": len(short)} if short else {})}
+        if lost:
+            log.warning("%s: %d query(ies) with no row that prepare kept (e.g. query %s): their lines hold only such "
+                        "products", split, len(lost), lost[0])
+        write_submission(rankings, path, queries=set(table.query_id.tolist()) | set(lost))  # the evaluator's validator
+        entry = {"file": str(path), "queries": int(table.query_id.nunique()) + len(lost), "rows": len(table),
+                 "seconds": round(time.perf_counter() - t0, 1), **({"completed_queries": len(short)} if short else {}),
+                 **({"queries_without_rows": len(lost)} if lost else {})}
         answers = stores[split].answers if split in stores else None
         if answers and rule is None:
             entry[METRIC] = round(evaluate_scores(scored, answers), 6)
