@@ -6,8 +6,10 @@ params `predict.model_uri` (default models:/mmrecall-ranker@champion). Its score
 submission's rule says (the MLflow model's metadata `submission`, chosen on valid by `mmrecall rerank`: the
 re-ranker's or the ensemble's scores, with or without the post-processing of evaluate.postprocess); a model
 registered before the rule existed gets the post-processing of params `evaluate.postprocess` here, as then.
-The top 5 per query are written as `query-id,product1..product5`. The file is checked by the evaluator's
-validator (every query of the split, 5 distinct ids) and read back with its reader. With answers (synthetic
+The top 5 per query are written as `query-id,product1..product5`; a query with fewer candidates, or with none
+that prepare kept (`ranker.rejected_queries`), gets its line completed with products that are not its
+candidates (`metrics.padded`). The file is checked by the evaluator's validator (every query of the split, 5
+distinct ids) and read back with its reader. With answers (synthetic
 testA) its NDCG@5 is reported (`ndcg_at_5`), and next to it that of the model's scores after
 evaluate.postprocess (`ndcg_at_5_pp`; the same when the rule applied it). metrics/predict.json has the numbers.
 """
