@@ -250,6 +250,8 @@ class LGBMParams:
 # What the submission can rank by (rerank.submission); in this order, the first wins a tie of valid NDCG@5.
 SUBMISSION_RULES = ("rerank_pp", "rerank", "ensemble_pp", "ensemble")
 SUBMISSION_SETTINGS = ("auto", *SUBMISSION_RULES)
+# What a registered model or re-ranker folder saved before rerank.submission ranks by.
+RULE_BEFORE_SUBMISSION = "rerank, then evaluate.postprocess"
 
 
 @dataclass

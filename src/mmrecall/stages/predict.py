@@ -25,7 +25,7 @@ import mlflow
 import pandas as pd
 
 from .. import tracking
-from ..config import Params, load_params, user_path
+from ..config import RULE_BEFORE_SUBMISSION, Params, load_params, user_path
 from ..errors import MissingInputError
 from ..ranking import postprocess
 from ..ranking.evaluation import candidate_counts, eval_stores
@@ -54,8 +54,9 @@ def run(params: Params) -> dict:
     counts = candidate_counts(stores)
     pp = params.evaluate.postprocess
     report: dict = {"model_uri": params.predict.model_uri, "load_seconds": round(load_seconds, 1),
-                    "rule": rule or "rerank, then evaluate.postprocess"}
+                    "rule": rule or RULE_BEFORE_SUBMISSION}
     switched_on = pp.frequency_filter or pp.exclusivity
+    fill = counts.sort_index().sort_values(ascending=False, kind="stable").index.tolist()  # completes short lines
     splits = [s for s in params.predict.splits if (Path(params.data.root) / s / f"{s}.tsv").exists()]
     if not splits:
         raise MissingInputError(f"none of params predict.splits {params.predict.splits} has data/<split>/<split>.tsv")
@@ -77,7 +78,6 @@ def run(params: Params) -> dict:
                                "score": scores["score"].to_numpy()})
         final = postprocess.apply(scored, pp, counts) if switched_on and rule is None else scored
         path = submission_path(params, split, i == 0)
-        fill = counts.sort_index().sort_values(ascending=False, kind="stable").index.tolist()  # the most frequent
         rankings, short = padded({**rank(final), **{q: [] for q in lost}}, fill)
         if short:
             log.warning("%s: %d query line(s) with fewer than 5 candidates (e.g. query %s) completed with products "

@@ -37,7 +37,7 @@ from pathlib import Path
 import mlflow
 
 from .. import tracking
-from ..config import Params, flatten, load_params, to_dict, user_path
+from ..config import RULE_BEFORE_SUBMISSION, Params, flatten, load_params, to_dict, user_path
 from ..models.backbone import backbone_path
 from ..ranking import members as members_mod
 from ..ranking import reranker
@@ -113,7 +113,7 @@ def run(params: Params, rerank_dir: Path = reranker.MODEL_DIR) -> dict:
     tags = {**model_tags(spec), **tracking.standard_tags("register", to_dict(params.rerank)), "run_id": run_id,
             "members": ",".join(spec["members"]), **member_tags(found),
             "rerank_run_id": spec.get("mlflow_run_id") or "unknown", "smoothing": str(spec["smoothing"]).lower(),
-            "submission_rule": spec.get("submission", {}).get("rule", "rerank, then evaluate.postprocess")}
+            "submission_rule": spec.get("submission", {}).get("rule", RULE_BEFORE_SUBMISSION)}
     for key, value in tags.items():
         client.set_model_version_tag(rp.name, version_, key, value)
     decision = tracking.promote_if_better(client, rp.name, rp.alias, version_, score, HONEST)
