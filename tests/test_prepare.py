@@ -14,7 +14,7 @@ from mmrecall.data.ingest import ingest_tsv
 from mmrecall.data.store import FeatureStore
 from mmrecall.data.tsv import HEADER
 from mmrecall.ranking.ranker import (CandidateTableError, candidate_store, prepared_candidates, read_candidates,
-                                     rejected_queries)
+                                     rejected_candidates)
 from mmrecall.stages import prepare
 
 from .test_tsv import DEFECTS, row
@@ -134,12 +134,13 @@ def test_predict_reads_the_rows_prepare_kept(tmp_path):
     assert table.product_id.tolist() == [1, 2, 3] and table.num_boxes.tolist() == [2, 3, 2]
     decoded = candidate_store(table)  # what the registered model decodes: the store's rows, box for box
     np.testing.assert_array_equal(decoded.features, store.features)
-    assert rejected_queries(path, store) == {5}  # the bad_base64 row's (the column_count row has no query_id)
+    assert rejected_candidates(path, store) == {5: [902]}  # the bad_base64 row's (the column_count row has no
+    # query_id, and the repeated candidate (2, 5) is scored on its first line)
     lost = tmp_path / "lost.tsv"  # query 7's only row is bad: its id is still found, for its submission line
     lost.write_text("\n".join([HEADER, row(1, rng=rng), DEFECTS["bad_base64"]().rsplit("\t", 1)[0] + "\t7",
                                DEFECTS["column_count"](), row(3, rng=rng)]) + "\n")
     ingest_tsv(lost, tmp_path / "lost", PrepareParams(workers=1), progress=False)
-    assert rejected_queries(lost, FeatureStore.open(tmp_path / "lost")) == {7}
+    assert rejected_candidates(lost, FeatureStore.open(tmp_path / "lost")) == {7: [902]}
     other = tmp_path / "other.tsv"
     other.write_text("\n".join([HEADER, row(1, rng=rng), row(9, rng=rng), row(3, rng=rng)]) + "\n")
     with pytest.raises(CandidateTableError, match="dvc repro prepare@testA"):

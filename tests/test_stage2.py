@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -538,6 +539,35 @@ def test_register_predict_cli_and_serve(in_repo, tmp_path, mlflow_store):
     assert len(sub) == out["testA"]["queries"] and 0 <= out["testA"]["ndcg_at_5_pp"] <= 1
     rule = json.loads((root / "models" / "rerank" / "spec.json").read_text())["submission"]["rule"]
     assert out["rule"] == tags["submission_rule"] == rule  # the model's metadata, and the version's tag
+
+    # Bad testA rows: a query left with 2 good rows gets its line completed with its rejected candidates (unscored,
+    # in file order), and a query with no good row a line of its own rejected candidates, not of other products.
+    lines = (root / "data" / "testA" / "testA.tsv").read_text().splitlines()
+    rows = [(int(line.split("\t", 1)[0]), int(line.rsplit("\t", 1)[1])) for line in lines[1:]]  # (product, query)
+    few, none = rows[0][1], next(q for _, q in rows if q != rows[0][1])
+    kept = [p for p, q in rows if q == few][:2]
+    broken: dict[int, list[int]] = {few: [], none: []}
+    for i, (product, query) in enumerate(rows, 1):
+        if query == none or (query == few and product not in kept):
+            fields = lines[i].split("\t")
+            fields[5] = fields[5][:-8] + "!!!!!!!!"  # features: bad base64
+            lines[i] = "\t".join(fields)
+            broken[query].append(product)
+    bad = tmp_path / "bad"
+    (bad / "data" / "testA").mkdir(parents=True)
+    (bad / "data" / "testA" / "testA.tsv").write_text("\n".join(lines) + "\n")
+    ingest_tsv(bad / "data" / "testA" / "testA.tsv", bad / "features" / "testA", PrepareParams(workers=1),
+               answers=root / "data" / "testA" / "testA_answer.json", progress=False)
+    (bad / "features" / "valid").symlink_to(root / "features" / "valid")
+    bad_params = copy.deepcopy(params)
+    bad_params.data.root, bad_params.data.features = str(bad / "data"), str(bad / "features")
+    bad_params.data.metrics, bad_params.predict.output = str(bad / "metrics"), str(bad / "submission.csv")
+    got = predict.run(bad_params)["testA"]
+    written = {int(r[0]): [int(x) for x in r[1:]]
+               for r in (line.split(",") for line in (bad / "submission.csv").read_text().splitlines()[1:])}
+    assert len(written) == len(sub) and written[none] == broken[none][:5]
+    assert sorted(written[few][:2]) == sorted(kept) and written[few][2:] == broken[few][:3]
+    assert got["queries_without_rows"] == 1 and got["unscored_candidates"] == 5 + 3 and "completed_queries" not in got
 
     # `mlflow models predict` on a small candidate file (two whole queries).
     table = read_candidates(root / "data" / "testA" / "testA.tsv")

@@ -86,23 +86,25 @@ def prepared_candidates(path: str | Path, store: FeatureStore, split: str) -> pd
     return table
 
 
-def rejected_queries(path: str | Path, store: FeatureStore) -> set[int]:
-    """The query ids of the rows of an official TSV that `prepare` rejected (the store's rejects.tsv), where such a
-    row still has every column and a whole-number query_id: a query whose rows were all rejected has no candidate
-    left, but the official scorer needs its line."""
+def rejected_candidates(path: str | Path, store: FeatureStore) -> dict[int, list[int]]:
+    """query_id -> product ids, in file order, of the rows of an official TSV that `prepare` rejected (the store's
+    rejects.tsv), where such a row still has every column and whole-number product and query ids. They cannot be
+    scored, but they are the query's candidates: ranked after its scored ones they complete a short line better
+    than products that are not its candidates, and a query whose rows were all rejected still gets its line."""
     rejects = Path(store.root) / "rejects.tsv"
     if not int(store.meta.get("rows_rejected", 0)) or not rejects.exists():
-        return set()
-    with open(rejects) as f:
-        lines = {int(line.split("\t", 1)[0]) for line in list(f)[1:] if line.strip()}
-    found = set()
+        return {}
+    with open(rejects) as f:  # line, reason, detail; a repeated candidate is scored on its first line
+        lines = {int(fields[0]) for fields in (line.split("\t", 2) for line in list(f)[1:] if line.strip())
+                 if len(fields) < 2 or fields[1] != "repeated_candidate"}
+    found: dict[int, list[int]] = {}
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             if number in lines:
                 fields = raw.rstrip(b"\r\n").split(b"\t")
-                query = fields[-1].strip()
-                if len(fields) == len(COLUMNS) and query.isdigit():
-                    found.add(int(query))
+                product, query = fields[0].strip(), fields[-1].strip()
+                if len(fields) == len(COLUMNS) and product.isdigit() and query.isdigit():
+                    found.setdefault(int(query), []).append(int(product))
     return found
 
 

@@ -6,8 +6,9 @@ params `predict.model_uri` (default models:/mmrecall-ranker@champion). Its score
 submission's rule says (the MLflow model's metadata `submission`, chosen on valid by `mmrecall rerank`: the
 re-ranker's or the ensemble's scores, with or without the post-processing of evaluate.postprocess); a model
 registered before the rule existed gets the post-processing of params `evaluate.postprocess` here, as then.
-The top 5 per query are written as `query-id,product1..product5`; a query with fewer candidates, or with none
-that prepare kept (`ranker.rejected_queries`), gets its line completed with products that are not its
+The top 5 per query are written as `query-id,product1..product5`. A query with fewer than 5 scored candidates
+gets its line completed first with its candidates that prepare rejected (`ranker.rejected_candidates`: unscored,
+in file order; a query whose rows were all rejected gets only these), then with products that are not its
 candidates (`metrics.padded`). The file is checked by the evaluator's validator (every query of the split, 5
 distinct ids) and read back with its reader. With answers (synthetic
 testA) its NDCG@5 is reported (`ndcg_at_5`), and next to it that of the model's scores after
@@ -29,9 +30,9 @@ from ..config import RULE_BEFORE_SUBMISSION, Params, load_params, user_path
 from ..errors import MissingInputError
 from ..ranking import postprocess
 from ..ranking.evaluation import candidate_counts, eval_stores
-from ..ranking.metrics import (METRIC, evaluate_scores, ndcg_at_5, padded, rank, read_submission, write_metrics,
+from ..ranking.metrics import (METRIC, K, ndcg_at_5, padded, rank, read_submission, write_metrics,
                                 write_submission)
-from ..ranking.ranker import prepared_candidates, read_candidates, rejected_queries
+from ..ranking.ranker import prepared_candidates, read_candidates, rejected_candidates
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,23 @@ log = logging.getLogger(__name__)
 def submission_path(params: Params, split: str, first: bool) -> Path:
     out = Path(params.predict.output)
     return out if first else out.with_name(f"{out.stem}_{split}{out.suffix}")
+
+
+def submission_lines(scores: pd.DataFrame, unscored: dict[int, list[int]], fill: list[int]
+                     ) -> tuple[dict[int, list[int]], list[int], dict[int, int]]:
+    """(query -> its 5 products, the queries completed with non-candidates, query -> rejected candidates written):
+    a query's top 5 by score, completed first with its `unscored` candidates (rejected by prepare; in file order),
+    then from `fill` (`metrics.padded`)."""
+    ranked = rank(scores)
+    filled: dict[int, int] = {}
+    for q, products in unscored.items():
+        listed = ranked.get(q, [])
+        extra = [p for p in dict.fromkeys(products) if p not in listed][: max(K - len(listed), 0)]
+        ranked[q] = listed + extra
+        if extra:
+            filled[q] = len(extra)
+    rankings, short = padded(ranked, fill)
+    return rankings, short, filled
 
 
 def run(params: Params) -> dict:
@@ -63,14 +81,14 @@ def run(params: Params) -> dict:
     for i, split in enumerate(splits):
         t0 = time.perf_counter()
         tsv = Path(params.data.root) / split / f"{split}.tsv"
-        lost: list[int] = []  # queries whose rows prepare all rejected
+        unscored: dict[int, list[int]] = {}  # query -> its candidates that prepare rejected
         if split in stores:  # the rows prepare kept: its rejects (features/<split>/rejects.tsv) are not scored
             table = prepared_candidates(tsv, stores[split], split)
             skipped = int(stores[split].meta.get("rows_rejected", 0))
             if skipped:
                 log.warning("%s: %d row(s) of %s left out, as prepare rejected them (features/%s/rejects.tsv)",
                             split, skipped, tsv, split)
-                lost = sorted(rejected_queries(tsv, stores[split]) - set(table.query_id.tolist()))
+                unscored = rejected_candidates(tsv, stores[split])
         else:
             table = read_candidates(tsv)
         scores = model.predict(table)
@@ -78,26 +96,32 @@ def run(params: Params) -> dict:
                                "score": scores["score"].to_numpy()})
         final = postprocess.apply(scored, pp, counts) if switched_on and rule is None else scored
         path = submission_path(params, split, i == 0)
-        rankings, short = padded({**rank(final), **{q: [] for q in lost}}, fill)
+        rankings, short, filled = submission_lines(final, unscored, fill)
+        lost = sorted(set(unscored) - set(table.query_id.tolist()))  # queries whose rows prepare all rejected
         if short:
             log.warning("%s: %d query line(s) with fewer than 5 candidates (e.g. query %s) completed with products "
                         "that are not their candidates, as the official scorer needs 5 (their NDCG@5 is unchanged)",
                         split, len(short), short[0])
+        if filled:
+            log.warning("%s: %d query line(s) short of 5 scored candidates completed with %d of their rejected "
+                        "candidates, unscored, in file order", split, len(filled), sum(filled.values()))
         if lost:
-            log.warning("%s: %d query(ies) with no row that prepare kept (e.g. query %s): their lines hold only such "
-                        "products", split, len(lost), lost[0])
+            log.warning("%s: %d query(ies) with no row that prepare kept (e.g. query %s): their lines hold their "
+                        "rejected candidates unscored, in file order", split, len(lost), lost[0])
         write_submission(rankings, path, queries=set(table.query_id.tolist()) | set(lost))  # the evaluator's validator
         entry = {"file": str(path), "queries": int(table.query_id.nunique()) + len(lost), "rows": len(table),
                  "seconds": round(time.perf_counter() - t0, 1), **({"completed_queries": len(short)} if short else {}),
+                 **({"unscored_candidates": sum(filled.values())} if filled else {}),
                  **({"queries_without_rows": len(lost)} if lost else {})}
         answers = stores[split].answers if split in stores else None
         if answers and rule is None:
-            entry[METRIC] = round(evaluate_scores(scored, answers), 6)
+            entry[METRIC] = round(ndcg_at_5(submission_lines(scored, unscored, fill)[0], answers), 6)
             entry[f"{METRIC}_pp"] = round(ndcg_at_5(read_submission(path), answers), 6)  # the file, read back
         elif answers:
             entry[METRIC] = round(ndcg_at_5(read_submission(path), answers), 6)  # the file, read back
             if switched_on:
-                entry[f"{METRIC}_pp"] = round(evaluate_scores(postprocess.apply(scored, pp, counts), answers), 6)
+                other = submission_lines(postprocess.apply(scored, pp, counts), unscored, fill)[0]
+                entry[f"{METRIC}_pp"] = round(ndcg_at_5(other, answers), 6)
         report[split] = entry
         log.info("%s: %s", split, entry)
     report["seconds"] = round(time.perf_counter() - started, 1)

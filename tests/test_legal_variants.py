@@ -1,0 +1,52 @@
+"""bench/legal_variants.py: the same rows and answers, written as the format also allows, read back the same."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+
+from mmrecall.config import PrepareParams
+from mmrecall.data.ingest import ingest_tsv
+from mmrecall.data.store import FeatureStore
+
+SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "legal_variants.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("legal_variants", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def pairs(store: FeatureStore, shift: int = 0) -> list[tuple[int, int]]:
+    return sorted(zip(store.rows.query_id, store.rows.product_id - shift))
+
+
+def test_variants_hold_the_same_rows_and_answers(micro_data, tmp_path):
+    script = load_script()
+    out = tmp_path / "data"
+    script.main([str(micro_data), str(out)])
+    assert b"\r\n" in (out / "testA" / "testA.tsv").read_bytes()[:4096]
+    assert not (out / "valid" / "valid.tsv").read_bytes().endswith(b"\n")
+    for split in ("valid", "testA"):
+        stores = {}
+        for name, root in (("original", micro_data), ("variant", out)):
+            answers = root / split / f"{split}_answer.json"
+            summary = ingest_tsv(root / split / f"{split}.tsv", tmp_path / name / split, PrepareParams(workers=1),
+                                 answers=answers, progress=False)
+            assert summary["rows_rejected"] == 0
+            stores[name] = FeatureStore.open(tmp_path / name / split)
+        original, variant = stores["original"], stores["variant"]
+        assert (variant.rows.product_id > 2**32).all()
+        assert pairs(variant, script.SHIFT) == pairs(original)
+        assert variant.rows.product_id.tolist() != (original.rows.product_id + script.SHIFT).tolist()  # shuffled
+        assert variant.answers == {q: {p + script.SHIFT for p in ps} for q, ps in original.answers.items()}
+        upper = variant.rows["query"].str.isupper()
+        assert 0 < upper.sum() < len(upper)
+        i = int(np.flatnonzero(variant.rows.product_id.to_numpy() == original.rows.product_id.iat[0] + script.SHIFT)[0])
+        np.testing.assert_array_equal(variant.image(i)[0], original.image(0)[0])  # the same boxes, box for box
+    assert json.loads((out / "valid" / "valid_answer.json").read_text())
