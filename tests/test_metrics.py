@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
 import pytest
 
 from mmrecall.data.store import load_answers
@@ -75,9 +76,12 @@ def test_ndcg_ideal_uses_min_answers_and_5():
     assert metrics.ndcg_at_5({1: [1, 2, 3, 4, 5], 2: [0, 0, 0, 0, 0]}, {1: {1}, 2: {9}}) == 0.5
 
 
-def test_missing_query_is_an_error():
+def test_missing_query_is_an_error_in_a_submission_and_zero_in_a_score_table():
     with pytest.raises(metrics.SubmissionError, match="no ranking"):
         metrics.ndcg_at_5({1: [1, 2, 3, 4, 5]}, {1: {1}, 2: {2}})
+    assert metrics.ndcg_at_5({1: [1, 2, 3, 4, 5]}, {1: {1}, 2: {2}}, strict=False) == 0.5
+    table = pd.DataFrame({"query_id": [1, 1], "product_id": [1, 9], "score": [0.9, 0.1]})  # no row of query 2
+    assert metrics.evaluate_scores(table, {1: {1}, 2: {2}}) == 0.5
 
 
 @pytest.mark.parametrize("line, message", [("3,1,2,3,4", "exactly 5"), ("3,1,2,3,4,4", "distinct"), ("3,1,2,3,4,x", "exactly 5")])

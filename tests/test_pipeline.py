@@ -27,6 +27,19 @@ def sh(*cmd: str, cwd: Path, env: dict) -> str:
     return out.stdout + out.stderr
 
 
+def break_query(path: Path) -> int:
+    """Make every row of the file's first query a bad row (features that are not base64); return its id."""
+    lines = path.read_text().splitlines()
+    query = lines[1].rsplit("\t", 1)[1]
+    for i, line in enumerate(lines[1:], 1):
+        if line.rsplit("\t", 1)[1] == query:
+            fields = line.split("\t")
+            fields[5] = "!!!!" + fields[5][4:]
+            lines[i] = "\t".join(fields)
+    path.write_text("\n".join(lines) + "\n")
+    return int(query)
+
+
 @pytest.fixture
 def repo(tmp_path, micro_data) -> tuple[Path, dict]:
     """A temp git + DVC repo with the project's pipeline files, micro params and the micro data."""
@@ -41,6 +54,8 @@ def repo(tmp_path, micro_data) -> tuple[Path, dict]:
     params["train"] = {**TINY, "seeds": [1, 2], "steps": 4}  # one model x 2 seeds
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copytree(micro_data, repo / "data")
+    for split in ("valid", "testA"):  # one query's rows all bad: the pipeline goes on, and writes its line
+        break_query(repo / "data" / split / f"{split}.tsv")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_RUN", "MLFLOW_TRACKING", "MLFLOW_EXPERIMENT", "DVC_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env["DVC_NO_ANALYTICS"] = "1"
@@ -100,7 +115,7 @@ def test_dvc_repro_end_to_end(repo):
     # logged model scores like the registered ranker's copy of it.
     ranker = mlflow.pyfunc.load_model("models:/mmrecall-ranker@champion").unwrap_python_model().ranker
     table = read_candidates(repo / "data" / "testA" / "testA.tsv")
-    small = table[table.query_id.isin(table.query_id.unique()[:2])]
+    small = table[table.query_id.isin(table.query_id.unique()[1:3])]  # (the first query: bad rows)
     for seed, member in zip((1, 2), members):
         name = f"mcan-seed{seed}"
         ids = json.loads((repo / "metrics" / "train" / f"{name}.json").read_text())["logged_model"]
@@ -110,6 +125,12 @@ def test_dvc_repro_end_to_end(repo):
         np.testing.assert_allclose(alone, inside.score.to_numpy(), rtol=1e-6)
     submission = (repo / "submission.csv").read_text().splitlines()
     assert submission[0] == "query-id,product1,product2,product3,product4,product5" and len(submission) == 1 + MICRO["test_queries"]
+    # The first query of valid and of testA lost all its rows in prepare: valid's counts 0 in every NDCG@5, and
+    # testA's line holds its own (rejected) candidates.
+    valid_meta = json.loads((repo / "features" / "valid" / "meta.json").read_text())
+    assert valid_meta["rows_rejected"] > 0 and len(valid_meta["answer_queries_without_rows"]) == 1
+    predicted = json.loads((repo / "metrics" / "predict.json").read_text())["testA"]
+    assert predicted["queries_without_rows"] == 1 and predicted["unscored_candidates"] == 5
     assert (repo / "plots" / "ndcg_at_5" / "mcan-seed1.csv").exists() and (repo / "plots" / "lr" / "mcan-seed2.csv").exists()
     assert "ensemble + re-ranker" in sh("mmrecall", "report", cwd=repo, env=env)
 

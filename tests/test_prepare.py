@@ -13,6 +13,7 @@ from mmrecall.config import PrepareParams
 from mmrecall.data.ingest import ingest_tsv
 from mmrecall.data.store import FeatureStore
 from mmrecall.data.tsv import HEADER
+from mmrecall.ranking.metrics import evaluate_scores
 from mmrecall.ranking.ranker import (CandidateTableError, candidate_store, prepared_candidates, read_candidates,
                                      rejected_candidates)
 from mmrecall.stages import prepare
@@ -59,6 +60,25 @@ def test_cli_uses_params_paths(micro_copy, tmp_path, monkeypatch):
     assert prepare.main(["--split", "testA", "--no-progress"]) == 0
     store = FeatureStore.open(micro_copy.parent / "features" / "testA")
     assert len(store) > 0 and store.answers is not None
+
+
+def test_a_valid_query_whose_rows_are_all_rejected_counts_zero(tmp_path, caplog, monkeypatch):
+    """Query 7's only row is bad: prepare keeps the rest and names the query, and NDCG@5 counts it 0 (not an error)."""
+    rng = np.random.default_rng(6)
+    (tmp_path / "data" / "valid").mkdir(parents=True)
+    path = tmp_path / "data" / "valid" / "valid.tsv"
+    path.write_text("\n".join([HEADER, row(1, rng=rng), row(2, rng=rng),
+                               DEFECTS["bad_base64"]().rsplit("\t", 1)[0] + "\t7"]) + "\n")
+    (tmp_path / "data" / "valid" / "valid_answer.json").write_text('{"5": [1], "7": [902]}')
+    (tmp_path / "params.yaml").write_text("prepare:\n  workers: 1\n")
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("WARNING"):
+        assert prepare.main(["--split", "valid", "--no-progress"]) == 0
+    assert "1 query(ies) of the answers file have no row kept (e.g. query 7)" in caplog.text
+    store = FeatureStore.open(tmp_path / "features" / "valid")
+    assert store.meta["answer_queries_without_rows"] == [7] and store.answers == {5: {1}, 7: {902}}
+    scores = pd.DataFrame({"query_id": store.rows.query_id, "product_id": store.rows.product_id, "score": [2.0, 1.0]})
+    assert evaluate_scores(scores, store.answers) == 0.5
 
 
 def test_spans_and_workers_do_not_change_the_store(tmp_path):

@@ -165,7 +165,11 @@ def ingest_tsv(
                     write(pending.popleft().result())
     bar.close()
 
+    unranked: list[int] = []  # queries of the answers file with no row kept: every NDCG@5 counts them 0
     if answers is not None and answers.exists():
+        given = store.load_answers(answers)  # a malformed file stops here, naming it
+        kept = set(pq.read_table(out_dir / store.ROWS, columns=["query_id"]).column(0).to_pylist())
+        unranked = sorted(set(given) - kept)
         shutil.copyfile(answers, out_dir / store.ANSWERS)
     seconds = time.perf_counter() - started
     summary = {
@@ -182,6 +186,7 @@ def ingest_tsv(
         "bytes": total_bytes,
         "seconds": round(seconds, 3),
         "has_answers": (out_dir / store.ANSWERS).exists(),
+        **({"answer_queries_without_rows": unranked} if unranked else {}),
     }
     (out_dir / store.META).write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -15,7 +15,7 @@ from ..config import Params, PostprocessParams
 from ..data.store import FeatureStore, load_answers
 from ..errors import MissingInputError
 from . import postprocess
-from .metrics import METRIC, evaluate_scores, ndcg_at_5, read_score_table, read_submission
+from .metrics import METRIC, evaluate_scores, ndcg_at_5, rank, read_score_table, read_submission
 
 
 def eval_stores(params: Params) -> dict[str, FeatureStore]:
@@ -82,9 +82,9 @@ def score_file(path: Path, answers_path: Path, count_files: list[Path], pp: Post
         with open(path) as f:
             if f.readline().startswith("query-id"):
                 return {METRIC: ndcg_at_5(read_submission(path), answers)}
-    scores = read_score_table(path)
-    out = {METRIC: evaluate_scores(scores, answers)}
+    scores = read_score_table(path)  # a query of the answers without a row is an error, as in a submission
+    out = {METRIC: ndcg_at_5(rank(scores), answers)}
     if count_files:
         counts = postprocess.candidate_counts(read_score_table(p).product_id for p in count_files)
-        out[f"{METRIC}_pp"] = evaluate_scores(postprocess.apply(scores, pp, counts), answers)
+        out[f"{METRIC}_pp"] = ndcg_at_5(rank(postprocess.apply(scores, pp, counts)), answers)
     return out

@@ -115,13 +115,13 @@ def run(params: Params) -> dict:
                  **({"queries_without_rows": len(lost)} if lost else {})}
         answers = stores[split].answers if split in stores else None
         if answers and rule is None:
-            entry[METRIC] = round(ndcg_at_5(submission_lines(scored, unscored, fill)[0], answers), 6)
-            entry[f"{METRIC}_pp"] = round(ndcg_at_5(read_submission(path), answers), 6)  # the file, read back
+            entry[METRIC] = round(ndcg_at_5(submission_lines(scored, unscored, fill)[0], answers, strict=False), 6)
+            entry[f"{METRIC}_pp"] = round(ndcg_at_5(read_submission(path), answers, strict=False), 6)  # the file
         elif answers:
-            entry[METRIC] = round(ndcg_at_5(read_submission(path), answers), 6)  # the file, read back
+            entry[METRIC] = round(ndcg_at_5(read_submission(path), answers, strict=False), 6)  # the file, read back
             if switched_on:
                 other = submission_lines(postprocess.apply(scored, pp, counts), unscored, fill)[0]
-                entry[f"{METRIC}_pp"] = round(ndcg_at_5(other, answers), 6)
+                entry[f"{METRIC}_pp"] = round(ndcg_at_5(other, answers, strict=False), 6)
         report[split] = entry
         log.info("%s: %s", split, entry)
     report["seconds"] = round(time.perf_counter() - started, 1)

@@ -48,4 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if summary["rows_rejected"]:
         log.info("%s: rejects in %s", args.split, out / store.REJECTS)
+    if unranked := summary.get("answer_queries_without_rows"):
+        log.warning("%s: %d query(ies) of the answers file have no row kept (e.g. query %s): every NDCG@5 of this "
+                    "split counts them 0", args.split, len(unranked), unranked[0])
     return 0
