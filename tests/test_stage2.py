@@ -456,6 +456,23 @@ def test_a_box_view_adds_the_members_best_box_beside_the_largest(micro_data):
     assert same and all(np.allclose(both[i, :2048], both[i, 2048:], atol=2e-3) for i in same)
 
 
+def test_the_input_example_is_rows_that_prepare_kept(micro_copy, monkeypatch):
+    """valid's first row is bad: the registered model's input example skips it (the model would refuse it)."""
+    path = micro_copy / "valid" / "valid.tsv"
+    lines = path.read_text().splitlines()
+    fields = lines[1].split("\t")
+    fields[5] = "!!!!" + fields[5][4:]
+    path.write_text("\n".join([lines[0], "\t".join(fields), *lines[2:]]) + "\n")
+    monkeypatch.chdir(micro_copy.parent)
+    (micro_copy.parent / "params.yaml").write_text("prepare:\n  workers: 1\n")
+    prepare.main(["--split", "valid", "--no-progress"])
+    example = register.example_rows(load_params())
+    assert example.product_id.tolist() == [int(line.split("\t", 1)[0]) for line in lines[2:4]]
+    assert len(candidate_store(example)) == 2  # what the model's own check accepts
+    with pytest.raises(CandidateTableError, match="bad_base64"):
+        candidate_store(read_candidates(path, nrows=2))  # the file's first rows, as before
+
+
 def test_malformed_candidate_table_gives_a_clear_error(micro_data, tmp_path):
     table = read_candidates(micro_data / "valid" / "valid.tsv", nrows=4)
     bad = table.copy()

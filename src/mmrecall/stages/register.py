@@ -13,9 +13,9 @@
 - The model is src/mmrecall/ranking/ranker_model.py with the mmrecall package as its code; artifacts: the
   downloaded member checkpoints, models/rerank/ (LightGBM boosters as text files, PCA, counts, feature spec
   with the preprocessing settings) and the backbone's config + tokenizer files. Explicit signature (the
-  nine official columns -> score) and a two-row input example from valid. Its scores rank as the submission's
-  rule says (spec.json "submission", chosen by `mmrecall rerank`), which the model's metadata `submission` and
-  the version's tag `submission_rule` name.
+  nine official columns -> score) and a two-row input example: valid's first rows that prepare kept. Its scores
+  rank as the submission's rule says (spec.json "submission", chosen by `mmrecall rerank`), which the model's
+  metadata `submission` and the version's tag `submission_rule` name.
 - Registered as params `register.name` (default mmrecall-ranker); the version's source run is the
   `register` run that logged it. The version's tags are its metrics (honest out-of-fold valid NDCG@5,
   testA, with and without post-processing), the data hash, the git commit, the params hash, every
@@ -38,6 +38,7 @@ import mlflow
 
 from .. import tracking
 from ..config import RULE_BEFORE_SUBMISSION, Params, flatten, load_params, to_dict, user_path
+from ..data.store import ROWS, FeatureStore
 from ..models.backbone import backbone_path
 from ..ranking import members as members_mod
 from ..ranking import reranker
@@ -59,9 +60,15 @@ def model_tags(spec: dict) -> dict[str, str]:
 
 
 def example_rows(params: Params, n: int = 2):
-    """The first rows of valid's TSV (the input example), or None without data."""
+    """The input example: the first rows of valid's TSV that `prepare` kept (a rejected row would fail the model's
+    own check of its input), or None without data."""
     tsv = Path(params.data.root) / "valid" / "valid.tsv"
-    return read_candidates(tsv, nrows=n) if tsv.exists() else None
+    if not tsv.exists():
+        return None
+    store = Path(params.data.features) / "valid"
+    if not (store / ROWS).exists():
+        return read_candidates(tsv, nrows=n)
+    return read_candidates(tsv, lines=FeatureStore.open(store).rows.line.iloc[:n].tolist())
 
 
 def logged_members(params: Params, names: list[str]) -> dict[str, tracking.LoggedMember]:
