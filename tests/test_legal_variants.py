@@ -1,4 +1,4 @@
-"""bench/legal_variants.py: the same rows and answers, written as the format also allows, read back the same."""
+"""bench/legal_variants.py and bench/break_rows.py: the same data written otherwise, or with bad rows."""
 
 from __future__ import annotations
 
@@ -50,3 +50,15 @@ def test_variants_hold_the_same_rows_and_answers(micro_data, tmp_path):
         i = int(np.flatnonzero(variant.rows.product_id.to_numpy() == original.rows.product_id.iat[0] + script.SHIFT)[0])
         np.testing.assert_array_equal(variant.image(i)[0], original.image(0)[0])  # the same boxes, box for box
     assert json.loads((out / "valid" / "valid_answer.json").read_text())
+
+
+def test_broken_rows_are_rejected_and_the_rest_kept(micro_copy, tmp_path):
+    spec = importlib.util.spec_from_file_location("break_rows", SCRIPT.with_name("break_rows.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main([str(micro_copy), "--share", "0.05"])
+    summary = ingest_tsv(micro_copy / "valid" / "valid.tsv", tmp_path / "valid", PrepareParams(workers=1),
+                         answers=micro_copy / "valid" / "valid_answer.json", progress=False)
+    assert summary["rejected_by_reason"] == {"bad_base64": summary["rows_rejected"]}
+    assert summary["rows_rejected"] >= 2 * 30 + 2 * 28 and summary["rows_kept"] > 0  # 2 whole queries, 2 cut to 2 rows
+    assert len(summary["answer_queries_without_rows"]) == 2
