@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mmrecall import cli
 from mmrecall.config import PrepareParams
 from mmrecall.data.ingest import ingest_tsv
 from mmrecall.data.store import FeatureStore
@@ -79,6 +80,22 @@ def test_a_valid_query_whose_rows_are_all_rejected_counts_zero(tmp_path, caplog,
     assert store.meta["answer_queries_without_rows"] == [7] and store.answers == {5: {1}, 7: {902}}
     scores = pd.DataFrame({"query_id": store.rows.query_id, "product_id": store.rows.product_id, "score": [2.0, 1.0]})
     assert evaluate_scores(scores, store.answers) == 0.5
+
+
+def test_a_split_with_no_good_row_stops_prepare_naming_the_first_bad_line(tmp_path, monkeypatch, capsys, caplog):
+    (tmp_path / "data" / "testA").mkdir(parents=True)
+    path = tmp_path / "data" / "testA" / "testA.tsv"
+    (tmp_path / "params.yaml").write_text("prepare:\n  workers: 1\n")
+    monkeypatch.chdir(tmp_path)
+    path.write_text("\n".join([HEADER, row(1), row(2), DEFECTS["bad_base64"]()]) + "\n")  # 1 of 3: a warning
+    with caplog.at_level("WARNING"):
+        assert prepare.main(["--split", "testA", "--no-progress"]) == 0
+    assert "testA: 1 of 3 rows rejected ({'bad_base64': 1}), e.g. line 4: bad_base64" in caplog.text
+    path.write_text("\n".join([HEADER, DEFECTS["label_out_of_range"](), DEFECTS["label_out_of_range"]()]) + "\n")
+    assert cli.main(["prepare", "--split", "testA", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("mmrecall prepare: error: data/testA/testA.tsv: no row kept of 2 (2 rejected, first line 2: "
+                          "label_out_of_range"), err
 
 
 def test_spans_and_workers_do_not_change_the_store(tmp_path):

@@ -7,10 +7,22 @@ import logging
 from pathlib import Path
 
 from ..config import load_params, user_path
+from ..errors import UserError
 from ..data import store
 from ..data.ingest import ingest_tsv
 
 log = logging.getLogger(__name__)
+
+REJECTED_WARNING = 0.1  # a split with more rejected rows than this share gets a warning
+
+
+def first_reject(out: Path) -> str:
+    """`line <n>: <reason> (<detail>)` of the store's first reject (rejects.tsv)."""
+    with open(out / store.REJECTS) as f:
+        f.readline()  # header: line, reason, detail
+        first = f.readline().rstrip("\n").split("\t", 2)
+    detail = f" ({first[2]})" if len(first) > 2 and first[2] else ""
+    return f"line {first[0]}: {first[1]}{detail}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     if summary["rows_rejected"]:
         log.info("%s: rejects in %s", args.split, out / store.REJECTS)
+    if not summary["rows_kept"]:  # nothing downstream can use the split: stop here, naming the first bad line
+        why = []
+        if summary["rows_rejected"]:
+            why.append(f"{summary['rows_rejected']} rejected, first {first_reject(out)}; all in {out / store.REJECTS}")
+        if summary["rows_filtered_max_boxes"]:
+            why.append(f"{summary['rows_filtered_max_boxes']} over prepare.max_boxes_filter")
+        raise UserError(f"{tsv}: no row kept of {summary['rows_read']} ({'; '.join(why)})")
+    if summary["rows_rejected"] > REJECTED_WARNING * summary["rows_read"]:
+        log.warning("%s: %d of %d rows rejected (%s), e.g. %s: is the file in the official format?", args.split,
+                    summary["rows_rejected"], summary["rows_read"], summary["rejected_by_reason"], first_reject(out))
     if unranked := summary.get("answer_queries_without_rows"):
         log.warning("%s: %d query(ies) of the answers file have no row kept (e.g. query %s): every NDCG@5 of this "
                     "split counts them 0", args.split, len(unranked), unranked[0])
