@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
-from .conftest import ROOT
+from .conftest import bench_script
 
 
 def test_bench_gpu_tiny_runs_on_cpu(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "bench_gpu.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_script("bench_gpu")
     out = tmp_path / "gpu.json"
     assert bench.main(["--tiny", "--steps", "3", "--score-batches", "1", "--out", str(out)]) == 0
     runs = json.loads(out.read_text())["runs"]

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
-from .conftest import ROOT
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "bench" / "bench_scale.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from .conftest import bench_script
 
 
 def test_bench_scale_tiny(tmp_path):
-    bench = load_bench()
+    bench = bench_script("bench_scale")
     texts = bench.query_texts(500)
     assert len(set(texts)) == 500 and all(1 <= len(t.split()) <= 6 for t in texts)
     out = tmp_path / "scale.json"

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 
@@ -12,14 +10,7 @@ from mmrecall.config import PrepareParams
 from mmrecall.data.ingest import ingest_tsv
 from mmrecall.data.store import FeatureStore
 
-SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "legal_variants.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("legal_variants", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from .conftest import bench_script
 
 
 def pairs(store: FeatureStore, shift: int = 0) -> list[tuple[int, int]]:
@@ -27,7 +18,7 @@ def pairs(store: FeatureStore, shift: int = 0) -> list[tuple[int, int]]:
 
 
 def test_variants_hold_the_same_rows_and_answers(micro_data, tmp_path):
-    script = load_script()
+    script = bench_script("legal_variants")
     out = tmp_path / "data"
     script.main([str(micro_data), str(out)])
     assert b"\r\n" in (out / "testA" / "testA.tsv").read_bytes()[:4096]
@@ -53,10 +44,7 @@ def test_variants_hold_the_same_rows_and_answers(micro_data, tmp_path):
 
 
 def test_broken_rows_are_rejected_and_the_rest_kept(micro_copy, tmp_path):
-    spec = importlib.util.spec_from_file_location("break_rows", SCRIPT.with_name("break_rows.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main([str(micro_copy), "--share", "0.05"])
+    bench_script("break_rows").main([str(micro_copy), "--share", "0.05"])
     summary = ingest_tsv(micro_copy / "valid" / "valid.tsv", tmp_path / "valid", PrepareParams(workers=1),
                          answers=micro_copy / "valid" / "valid_answer.json", progress=False)
     assert summary["rejected_by_reason"] == {"bad_base64": summary["rows_rejected"]}

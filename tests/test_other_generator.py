@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 
@@ -12,19 +10,12 @@ from mmrecall.config import PrepareParams
 from mmrecall.data.ingest import ingest_tsv
 from mmrecall.data.store import FeatureStore
 
-SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "other_generator.py"
-
-
-def load_generator():
-    spec = importlib.util.spec_from_file_location("other_generator", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from .conftest import bench_script
 
 
 def test_other_generator_writes_what_prepare_reads(tmp_path):
     out = tmp_path / "data"
-    load_generator().main(["--out", str(out), "--train-queries", "30", "--eval-queries", "6"])
+    bench_script("other_generator").main(["--out", str(out), "--train-queries", "30", "--eval-queries", "6"])
     for split in ("train", "valid", "testA"):
         answers = out / split / f"{split}_answer.json"
         summary = ingest_tsv(out / split / f"{split}.tsv", tmp_path / split, PrepareParams(workers=0),
@@ -42,7 +33,7 @@ def test_other_generator_writes_what_prepare_reads(tmp_path):
 
 
 def test_other_generator_same_seed_same_bytes(tmp_path):
-    generator = load_generator()
+    generator = bench_script("other_generator")
     for name in ("a", "b"):
         generator.main(["--out", str(tmp_path / name), "--train-queries", "10", "--eval-queries", "3"])
     for split in ("train", "valid", "testA"):

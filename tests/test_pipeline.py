@@ -17,7 +17,7 @@ import yaml
 from mmrecall.ranking.members import score
 from mmrecall.ranking.ranker import candidate_store, read_candidates
 
-from .conftest import MICRO, ROOT
+from .conftest import MICRO, ROOT, bench_script
 from .test_train import TINY
 
 
@@ -33,9 +33,7 @@ def break_query(path: Path) -> int:
     query = lines[1].rsplit("\t", 1)[1]
     for i, line in enumerate(lines[1:], 1):
         if line.rsplit("\t", 1)[1] == query:
-            fields = line.split("\t")
-            fields[5] = "!!!!" + fields[5][4:]
-            lines[i] = "\t".join(fields)
+            lines[i] = bench_script("break_rows").break_row(line)
     path.write_text("\n".join(lines) + "\n")
     return int(query)
 

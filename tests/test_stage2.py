@@ -37,6 +37,8 @@ from mmrecall.ranking.smoothing import smooth_features, smooth_pool, smoothed_st
 from mmrecall.stages import predict, prepare, register, rerank, smooth
 from mmrecall.training.fit import log_checkpoint
 
+from .conftest import bench_script
+
 # --- smoothing ---------------------------------------------------------------------------------------
 
 
@@ -460,9 +462,7 @@ def test_the_input_example_is_rows_that_prepare_kept(micro_copy, monkeypatch):
     """valid's first row is bad: the registered model's input example skips it (the model would refuse it)."""
     path = micro_copy / "valid" / "valid.tsv"
     lines = path.read_text().splitlines()
-    fields = lines[1].split("\t")
-    fields[5] = "!!!!" + fields[5][4:]
-    path.write_text("\n".join([lines[0], "\t".join(fields), *lines[2:]]) + "\n")
+    path.write_text("\n".join([lines[0], bench_script("break_rows").break_row(lines[1]), *lines[2:]]) + "\n")
     monkeypatch.chdir(micro_copy.parent)
     (micro_copy.parent / "params.yaml").write_text("prepare:\n  workers: 1\n")
     prepare.main(["--split", "valid", "--no-progress"])
@@ -566,9 +566,7 @@ def test_register_predict_cli_and_serve(in_repo, tmp_path, mlflow_store):
     broken: dict[int, list[int]] = {few: [], none: []}
     for i, (product, query) in enumerate(rows, 1):
         if query == none or (query == few and product not in kept):
-            fields = lines[i].split("\t")
-            fields[5] = fields[5][:-8] + "!!!!!!!!"  # features: bad base64
-            lines[i] = "\t".join(fields)
+            lines[i] = bench_script("break_rows").break_row(lines[i])  # features: bad base64
             broken[query].append(product)
     bad = tmp_path / "bad"
     (bad / "data" / "testA").mkdir(parents=True)

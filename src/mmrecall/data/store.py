@@ -75,6 +75,17 @@ class FeatureStore:
     def rows(self) -> pd.DataFrame:
         return pd.read_parquet(self.root / ROWS)
 
+    @cached_property
+    def rejects(self) -> list[tuple[int, str, str]]:
+        """(file line, reason, detail) of every row `prepare` rejected, in file order (rejects.tsv; none without it)."""
+        path = self.root / REJECTS
+        if not path.exists():
+            return []
+        with open(path) as f:
+            f.readline()  # header: line, reason, detail
+            return [(int(line), reason, detail)
+                    for line, reason, detail in (row.rstrip("\n").split("\t", 2) for row in f if row.strip())]
+
     @property
     def total_boxes(self) -> int:
         return int(self.meta["total_boxes"])

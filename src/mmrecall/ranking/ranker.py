@@ -91,12 +91,9 @@ def rejected_candidates(path: str | Path, store: FeatureStore) -> dict[int, list
     rejects.tsv), where such a row still has every column and whole-number product and query ids. They cannot be
     scored, but they are the query's candidates: ranked after its scored ones they complete a short line better
     than products that are not its candidates, and a query whose rows were all rejected still gets its line."""
-    rejects = Path(store.root) / "rejects.tsv"
-    if not int(store.meta.get("rows_rejected", 0)) or not rejects.exists():
+    lines = {line for line, reason, _ in store.rejects if reason != "repeated_candidate"}  # scored on its first line
+    if not lines:
         return {}
-    with open(rejects) as f:  # line, reason, detail; a repeated candidate is scored on its first line
-        lines = {int(fields[0]) for fields in (line.split("\t", 2) for line in list(f)[1:] if line.strip())
-                 if len(fields) < 2 or fields[1] != "repeated_candidate"}
     found: dict[int, list[int]] = {}
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):

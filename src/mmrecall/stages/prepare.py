@@ -9,6 +9,7 @@ from pathlib import Path
 from ..config import load_params, user_path
 from ..errors import UserError
 from ..data import store
+from ..data.store import FeatureStore
 from ..data.ingest import ingest_tsv
 
 log = logging.getLogger(__name__)
@@ -17,12 +18,9 @@ REJECTED_WARNING = 0.1  # a split with more rejected rows than this share gets a
 
 
 def first_reject(out: Path) -> str:
-    """`line <n>: <reason> (<detail>)` of the store's first reject (rejects.tsv)."""
-    with open(out / store.REJECTS) as f:
-        f.readline()  # header: line, reason, detail
-        first = f.readline().rstrip("\n").split("\t", 2)
-    detail = f" ({first[2]})" if len(first) > 2 and first[2] else ""
-    return f"line {first[0]}: {first[1]}{detail}"
+    """`line <n>: <reason> (<detail>)` of the store's first reject."""
+    line, reason, detail = FeatureStore.open(out).rejects[0]
+    return f"line {line}: {reason}" + (f" ({detail})" if detail else "")
 
 
 def main(argv: list[str] | None = None) -> int:
