@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import mlflow
 
 from mmrecall import tracking
@@ -39,3 +42,15 @@ def test_ui_prints_the_link_to_the_training_runs(tmp_path, monkeypatch, capsys):
     assert ui.main(["--print-url", "--port", "5123"]) == 0
     exp_id = mlflow.get_experiment_by_name("mmrecall").experiment_id
     assert capsys.readouterr().out.strip() == f"http://127.0.0.1:5123/#/experiments/{exp_id}?workflowType=machine_learning"
+
+
+def test_model_code_loads_without_mlflow_type_hint_warnings():
+    """The member and ranker pyfuncs type their predict input as a DataFrame (MLflow infers no schema from it; the
+    logged signature stays the one given), so MLflow does not warn each time it loads them (predict, serve)."""
+    code = ("import warnings\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    import mmrecall.ranking.member_model, mmrecall.ranking.ranker_model\n"
+            "print([str(w.message) for w in caught if 'type hint' in str(w.message).lower()])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

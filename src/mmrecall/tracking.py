@@ -24,6 +24,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -417,7 +418,9 @@ def log_member_model(member: str, code: Path, artifacts: Mapping[str, str], sign
                      model_config: Mapping[str, Any]) -> str:
     """Log the active member run's checkpoint as a logged model (a pyfunc, models-from-code `code` with the
     mmrecall package), named after the member and tagged to be found again; returns its model id."""
-    with tempfile.TemporaryDirectory(prefix="mmrecall-member-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mmrecall-member-") as tmp, warnings.catch_warnings():
+        # The signature is given; an input example would make MLflow load and run the member while logging it.
+        warnings.filterwarnings("ignore", message=r".*An input example was not provided")
         info = mlflow.pyfunc.log_model(
             name=member,
             python_model=str(code),

@@ -21,7 +21,7 @@ class MemberModel(mlflow.pyfunc.PythonModel):
         self.member = members.load(context.artifacts["checkpoint"], context.artifacts.get("backbone"))
         self.box_cap = int((context.model_config or {}).get("box_cap", 30))
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         table, _ = members.score(self.member, candidate_store(model_input, self.box_cap))
         return pd.DataFrame({"score": table.score.to_numpy()})
 

@@ -27,7 +27,7 @@ class RankerModel(mlflow.pyfunc.PythonModel):
         self.torch_thread = ThreadPoolExecutor(1, thread_name_prefix="mmrecall-ranker")
         self.ranker = self.torch_thread.submit(Ranker.load, context.artifacts).result()
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         return pd.DataFrame({"score": self.torch_thread.submit(self.ranker.score, model_input).result()})
 
 
