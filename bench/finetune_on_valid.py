@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from mmrecall.data.batching import EvalBatches, QueryTokens, image_batch
+from mmrecall.data.batching import QueryTokens, image_batch
 from mmrecall.data.store import FeatureStore
 from mmrecall.ranking import members, outputs
 from mmrecall.ranking.metrics import evaluate_scores, read_metrics
@@ -114,15 +115,14 @@ def main(argv: list[str] | None = None) -> None:
     table, fused = members.score(member, valid)  # every row is overwritten by its fold's model below
     for k, fold in enumerate(folds):
         model = data.finetune(member.model, np.setdiff1d(data.queries, fold), args.lr, args.epochs, seed=k)
-        fold_table, fold_fused = members.score_batches(model, EvalBatches(valid, member.tokenizer, member.max_query_len,
-                                                                          member.batch_size, member.max_boxes,
-                                                                          member.box_select))
+        fold_table, fold_fused = members.score(dataclasses.replace(member, model=model), valid)
         held_out = np.isin(data.query_of_row, fold)
         table.loc[held_out] = fold_table.loc[held_out]
         fused[held_out] = fold_fused[held_out]
         print(f"fold {k + 1}/{args.folds} done ({time.time() - start:.0f} s)", flush=True)
-    member.model = data.finetune(member.model, data.queries, args.lr, args.epochs, seed=args.folds)
-    test_table, test_fused = members.score(member, test)
+    tuned = dataclasses.replace(member, model=data.finetune(member.model, data.queries, args.lr, args.epochs,
+                                                            seed=args.folds))
+    test_table, test_fused = members.score(tuned, test)
     outputs.write(exp / "outputs", name, "valid", table, fused)
     outputs.write(exp / "outputs", name, "testA", test_table, test_fused)
     before = read_metrics(world / "metrics" / "train", MEMBER)

@@ -24,6 +24,8 @@ def bench_script(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
 MICRO = dict(train_queries=150, valid_queries=16, test_queries=16, seed=7)
 
 os.environ.update(

@@ -564,9 +564,10 @@ def test_register_predict_cli_and_serve(in_repo, tmp_path, mlflow_store):
     few, none = rows[0][1], next(q for _, q in rows if q != rows[0][1])
     kept = [p for p, q in rows if q == few][:2]
     broken: dict[int, list[int]] = {few: [], none: []}
+    break_row = bench_script("break_rows").break_row  # features: bad base64
     for i, (product, query) in enumerate(rows, 1):
         if query == none or (query == few and product not in kept):
-            lines[i] = bench_script("break_rows").break_row(lines[i])  # features: bad base64
+            lines[i] = break_row(lines[i])
             broken[query].append(product)
     bad = tmp_path / "bad"
     (bad / "data" / "testA").mkdir(parents=True)
